@@ -1,0 +1,306 @@
+"""Typed pipeline config: YAML loading, dotted overrides, and validation that reports every problem at once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.sim.tasks import TASKS
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message lists every bad key with its value and a fix."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": a misspelt key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSection(_Section):
+    name: str = Field("smoke", min_length=1, description="a name for this pipeline run, e.g. smoke")
+    run_dir: str = Field("runs/smoke", min_length=1,
+                         description="folder holding everything this run writes, e.g. runs/smoke")
+    seed: int = Field(0, ge=0, description="global seed, a non-negative integer")
+    ray_address: str | None = Field(None, description="Ray cluster address, or null for a local Ray")
+    ray_num_cpus: int | None = Field(None, ge=1,
+                                     description="logical CPUs of a local Ray, or null for the machine's")
+
+
+class CollectSection(_Section):
+    tasks: list[str] = Field(["reach-v3", "push-v3"], min_length=1,
+                             description="Meta-World task names such as reach-v3")
+    episodes_per_task: int = Field(3, ge=1, description="expert episodes per task, e.g. 3")
+    image_size: int = Field(64, ge=16, le=512, description="square render size in pixels, e.g. 64")
+    camera: str = Field("corner", description="a Meta-World camera name, e.g. corner")
+    max_steps: int = Field(150, ge=1, le=500, description="step limit per episode (Meta-World allows 500)")
+    seed: int = Field(0, ge=0, description="first episode seed; episode i of a task uses seed + i")
+    rows_per_shard: int = Field(2000, ge=1, description="rows per Parquet shard, e.g. 2000")
+    keep_failed: bool = Field(False, description="true to keep expert episodes that did not succeed")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; choose from Meta-World tasks such as "
+                             f"{', '.join(TASKS[:4])} ... ({len(TASKS)} in pipeline/sim/tasks.py)")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError("a task is listed twice; list each task once")
+        return tasks
+
+
+class DataSection(_Section):
+    shards_uri: str | None = Field(None, description="local folder or s3:// URI of trajectory shards; "
+                                                     "null for <run_dir>/shards")
+    labelled_uri: str | None = Field(None, description="where probe-teacher writes labelled shards; "
+                                                       "null for <run_dir>/labelled")
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0,
+                                description="fraction of episodes held out for validation, in [0, 1)")
+
+
+class ModelSection(_Section):
+    backbone: Literal["llama", "qwen2", "mistral"] = Field(
+        "llama", description="decoder family: llama, qwen2 or mistral")
+    hidden_size: int = Field(64, ge=8, description="decoder width, divisible by num_heads")
+    num_layers: int = Field(4, ge=1, description="decoder layers, e.g. 4")
+    num_heads: int = Field(4, ge=1, description="attention heads, e.g. 4")
+    num_kv_heads: int = Field(4, ge=1, description="key/value heads, dividing num_heads")
+    intermediate_size: int = Field(128, ge=8, description="MLP width, e.g. 4 x hidden_size")
+    patch_size: int = Field(16, ge=2, description="vision patch size in pixels, dividing collect.image_size")
+    vocab_size: int = Field(512, ge=16, description="hashed instruction-word buckets, e.g. 512")
+    max_instruction_tokens: int = Field(12, ge=1, description="instruction tokens kept, e.g. 12")
+    graph_width: int = Field(32, ge=4, description="graph extractor width (projection of the hidden size)")
+    semantic_dim: int = Field(32, ge=4, description="per-layer semantic vector size (512 in the paper)")
+    top_k: int = Field(8, ge=1, description="graph neighbours kept per token (8 in the paper)")
+    graph_heads: int = Field(4, ge=1, description="graph-attention heads, dividing graph_width")
+
+
+class TrainSection(_Section):
+    steps: int = Field(100, ge=1, description="optimizer steps, e.g. 100")
+    batch_size: int = Field(32, ge=1, description="per-worker micro-batch size, e.g. 32")
+    lr: float = Field(1e-3, gt=0, le=1.0, description="peak learning rate, e.g. 1e-3")
+    warmup_steps: int = Field(10, ge=0, description="linear warm-up steps, e.g. 10")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay, e.g. 0.01")
+    grad_clip: float = Field(1.0, gt=0, description="gradient-norm clip, e.g. 1.0")
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps, e.g. 1")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers, e.g. 2")
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs reserved per worker; 0.5 leaves room "
+                                                          "for Ray Data on 2 cores")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32 or bf16 (fp16 is refused on CPU)")
+    log_every: int = Field(10, ge=1, description="steps between logged metrics")
+
+
+class ProbeSection(_Section):
+    steps: int = Field(100, ge=1, description="stage-1 probe training steps, e.g. 100")
+    batch_size: int = Field(32, ge=1, description="probe batch size, e.g. 32")
+    lr: float = Field(3e-3, gt=0, le=1.0, description="probe learning rate, e.g. 3e-3")
+
+
+class RouterSection(_Section):
+    budget: float = Field(0.5, gt=0.0, le=1.0, description="the fraction of layers to run, e.g. 0.5")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="inference gate threshold in (0, 1)")
+    gate: Literal["soft", "straight_through"] = Field(
+        "straight_through", description="training gate: soft or straight_through")
+    hidden: int = Field(32, ge=4, description="router feature width, e.g. 32")
+
+
+class DistillSection(_Section):
+    alpha: float = Field(1.0, ge=0, description="weight of semantic alignment + structure, >= 0")
+    beta: float = Field(1.0, ge=0, description="weight of per-layer action losses, >= 0")
+    eta: float = Field(0.5, ge=0, description="weight of the structure term inside alpha, >= 0")
+    gamma: float = Field(2.0, ge=0, description="layer-weight exponent (2 in the paper), >= 0")
+    budget_weight: float = Field(1.0, ge=0, description="weight of (mean gate - budget)^2, >= 0")
+    balance_weight: float = Field(0.0, ge=0, description="weight of the per-layer balance term, >= 0")
+    train: TrainSection = TrainSection()
+
+
+class EvaluateSection(_Section):
+    episodes_per_task: int = Field(2, ge=1, description="closed-loop episodes per task, e.g. 20")
+    seed: int = Field(10_000, ge=0, description="first evaluation seed, apart from collect seeds")
+    max_steps: int = Field(150, ge=1, le=500, description="step limit per evaluation episode")
+    latency_calls: int = Field(30, ge=3, description="batch-1 policy calls timed per policy")
+
+
+class SweepSection(_Section):
+    space: str = Field("tune_spaces/smoke.yaml", description="a YAML search space under tune_spaces/")
+    num_samples: int = Field(1, ge=1, description="samples per grid point, e.g. 1")
+    max_concurrent_trials: int = Field(1, ge=1, description="trials at once (1 on 2 cores)")
+    eval_episodes_per_task: int = Field(1, ge=1, description="closed-loop episodes per task per trial")
+
+
+class PromoteSection(_Section):
+    model_name: str = Field("actdistill-student", min_length=1, description="registered model name")
+    success_delta: float = Field(0.05, ge=0, le=1, description="allowed success drop vs teacher, in [0, 1]")
+    compute_budget: float = Field(0.9, gt=0, le=1, description="max student/teacher backbone FLOPs, (0, 1]")
+
+
+class TrackingSection(_Section):
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; null for sqlite in run_dir")
+    experiment: str = Field("actdistill", min_length=1, description="MLflow experiment name")
+
+
+class PipelineConfig(_Section):
+    run: RunSection = RunSection()
+    collect: CollectSection = CollectSection()
+    data: DataSection = DataSection()
+    model: ModelSection = ModelSection()
+    teacher: TrainSection = TrainSection()
+    probe: ProbeSection = ProbeSection()
+    router: RouterSection = RouterSection()
+    distill: DistillSection = DistillSection()
+    evaluate: EvaluateSection = EvaluateSection()
+    sweep: SweepSection = SweepSection()
+    promote: PromoteSection = PromoteSection()
+    tracking: TrackingSection = TrackingSection()
+
+    # Derived locations: one place decides where each stage writes.
+    @property
+    def shards_uri(self) -> str:
+        return self.data.shards_uri or str(Path(self.run.run_dir) / "shards")
+
+    @property
+    def labelled_uri(self) -> str:
+        return self.data.labelled_uri or str(Path(self.run.run_dir) / "labelled")
+
+    def stage_dir(self, stage: str) -> Path:
+        return Path(self.run.run_dir).resolve() / stage
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.tracking.tracking_uri:
+            return self.tracking.tracking_uri
+        return f"sqlite:///{(Path(self.run.run_dir).resolve() / 'mlflow.db')}"
+
+    def digest(self) -> str:
+        """A short hash of the resolved config, recorded with every run and model version."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _cross_checks(cfg: PipelineConfig) -> list[str]:
+    """Constraints spanning several keys, reported alongside pydantic's."""
+    m, problems = cfg.model, []
+    if m.hidden_size % m.num_heads:
+        problems.append(f"model.hidden_size={m.hidden_size}: must be divisible by model.num_heads="
+                        f"{m.num_heads}; e.g. hidden_size={m.num_heads * 16}")
+    if m.num_heads % m.num_kv_heads:
+        problems.append(f"model.num_kv_heads={m.num_kv_heads}: must divide model.num_heads={m.num_heads}")
+    if m.graph_width % m.graph_heads:
+        problems.append(f"model.graph_width={m.graph_width}: must be divisible by model.graph_heads="
+                        f"{m.graph_heads}")
+    if cfg.collect.image_size % m.patch_size:
+        problems.append(f"model.patch_size={m.patch_size}: must divide collect.image_size="
+                        f"{cfg.collect.image_size}; e.g. 8 or 16")
+    return problems
+
+
+def _describe(err: dict[str, Any], root: type[BaseModel]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        section = _section_at(root, loc[:-1])
+        valid = ", ".join(section.model_fields) if section else "see pipeline/config.py"
+        return f"{key}: unknown key; valid keys here are: {valid}"
+    field = _field_at(root, loc)
+    hint = f"; expected {field.description}" if field is not None and field.description else ""
+    return f"{key}={err.get('input')!r}: {err['msg']}{hint}"
+
+
+def _section_at(root: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
+    section: type[BaseModel] = root
+    for part in loc:
+        field = section.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        section = field.annotation
+    return section
+
+
+def _field_at(root: type[BaseModel], loc: list[str]) -> Any:
+    # Locations inside lists carry an index ("collect.tasks.0"); stop at the field that owns it.
+    section = _section_at(root, [p for p in loc[:-1] if not p.isdigit()])
+    name = loc[-1] if not loc[-1].isdigit() else loc[-2]
+    if section is None or name not in section.model_fields:
+        section = _section_at(root, [p for p in loc[:-2] if not p.isdigit()])
+    return section.model_fields.get(name) if section else None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'distill.alpha=0.5' -> (['distill', 'alpha'], 0.5); values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not KEY=VALUE; write e.g. router.budget=0.5")
+    key, raw = item.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key part; write e.g. router.budget=0.5")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (a copy); unknown keys are left for validation to report."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return out
+
+
+def validate(raw: dict[str, Any], source: str = "<config>") -> PipelineConfig:
+    """Build the typed config, raising one ConfigError that lists every problem."""
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e, PipelineConfig) for e in exc.errors()]
+        raise ConfigError(f"{source}: {len(lines)} problem(s):\n  " + "\n  ".join(lines)) from None
+    problems = _cross_checks(cfg)
+    if problems:
+        raise ConfigError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
+    """YAML file, then dotted overrides, then validation: the one way a job gets its config."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass e.g. --config jobs/configs/smoke.yaml")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (run:, collect:, ...)")
+        raw = loaded
+    return validate(apply_overrides(raw, overrides or []), source)
+
+
+def with_overrides(cfg: PipelineConfig, overrides: dict[str, Any]) -> PipelineConfig:
+    """A new validated config with dotted keys replaced (used by sweep trials); cfg is unchanged."""
+    items = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+    return validate(apply_overrides(cfg.model_dump(mode="json"), items), "<sweep trial>")
+
+
+def flat_params(cfg: PipelineConfig) -> dict[str, Any]:
+    """The config as dotted key -> value, for MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = node if not isinstance(node, list) else ",".join(map(str, node))
+
+    walk("", cfg.model_dump(mode="json"))
+    return out

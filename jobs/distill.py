@@ -1,0 +1,28 @@
+"""The distill job: a routed student derived from the teacher, trained with the ActDistill loss."""
+
+from __future__ import annotations
+
+import sys
+
+import mlflow
+
+from pipeline.cli import run_cli
+from pipeline.config import PipelineConfig
+from pipeline.distill.fit_student import DistillResult, fit_student
+from pipeline.distill.loop import Tracking
+from pipeline.ray_runtime import start_ray
+from pipeline.tracking.runs import stage_run
+
+
+def main(cfg: PipelineConfig) -> DistillResult:
+    start_ray(cfg)
+    with stage_run(cfg, "distill") as run:
+        result = fit_student(cfg, Tracking(cfg.tracking_uri, run.info.run_id), str(cfg.stage_dir("student")),
+                             name=f"{cfg.run.name}-distill", storage_path=cfg.stage_dir("ray"))
+        mlflow.log_metrics(result.metrics)
+        mlflow.set_tags({"student_uri": result.student_uri, "teacher_hash": result.teacher_hash})
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, "distill"))

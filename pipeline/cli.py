@@ -1,0 +1,73 @@
+"""Command line: `actdistill VERB --config FILE [dotted.key=value ...]` and `python -m jobs.VERB ...`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.config import ConfigError, PipelineConfig, load_config
+
+# verb -> module under jobs/ (each has `main(cfg: PipelineConfig)`)
+VERBS: dict[str, str] = {
+    "collect": "collect",
+    "train-teacher": "train_teacher",
+    "probe-teacher": "probe_teacher",
+    "distill": "distill",
+    "evaluate": "evaluate",
+    "sweep": "sweep",
+    "promote": "promote",
+    "run": "run",
+}
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="ActDistill pipeline job")
+    p.add_argument("--config", required=True, help="YAML config, e.g. jobs/configs/smoke.yaml")
+    p.add_argument("--space", help="sweep only: a search space YAML (same as sweep.space=FILE)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as router.budget=0.4")
+    return p
+
+
+def _resolve(args: argparse.Namespace) -> PipelineConfig:
+    overrides = list(args.overrides)
+    if args.space:
+        overrides.append(f"sweep.space={args.space}")
+    return load_config(args.config, overrides)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def run_cli(job_main: Callable[[PipelineConfig], Any], verb: str, argv: list[str] | None = None) -> int:
+    """Entry point of `python -m jobs.<verb>`: the config is validated before any Ray work."""
+    _setup_logging()
+    args = _parser(f"python -m jobs.{VERBS.get(verb, verb)}").parse_args(argv)
+    try:
+        cfg = _resolve(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    job_main(cfg)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `actdistill` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
+        bad = f"unknown command {argv[0]!r}; " if argv and argv[0] not in ("-h", "--help") else ""
+        print(f"{bad}usage: actdistill {{{','.join(VERBS)}}} --config FILE [key=value ...]", file=sys.stderr)
+        return 2 if bad or not argv else 0
+    verb = argv[0]
+    job = importlib.import_module(f"jobs.{VERBS[verb]}")
+    return run_cli(job.main, verb, argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Trajectory data: storage URIs, the Parquet shard schema, the manifest, and model batches."""

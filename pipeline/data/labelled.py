@@ -1,0 +1,71 @@
+"""Labelled shards: trajectory rows plus the frozen teacher's per-layer targets, with their identity file."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import ray.data
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.data import storage
+
+LABELS_FILE = "labels.json"
+LABEL_COLUMNS = ("episode_id", "step", "teacher_hash", "teacher_sem", "teacher_act")
+
+
+class Labels(BaseModel):
+    """What a labelled folder holds and which teacher made it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    teacher_hash: str
+    source_content_hash: str
+    num_layers: int
+    semantic_dim: int
+    action_dim: int
+    num_rows: int
+
+
+def clear(uri: str) -> None:
+    """Empty the folder first: labels from an earlier teacher must never mix with new ones."""
+    fs, path = storage.resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir_contents(path)
+
+
+def write_labels(uri: str, labels: Labels) -> None:
+    storage.write_bytes(storage.join(uri, LABELS_FILE), labels.model_dump_json(indent=2).encode())
+
+
+def read_labels(uri: str) -> Labels:
+    path = storage.join(uri, LABELS_FILE)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"{path} not found: {uri} holds no labelled shards; run "
+                                f"`actdistill probe-teacher` first")
+    return Labels(**json.loads(storage.read_bytes(path)))
+
+
+def check_teacher(labels: Labels, teacher_hash: str, uri: str) -> None:
+    if labels.teacher_hash != teacher_hash:
+        raise ValueError(f"{storage.join(uri, LABELS_FILE)} was made by teacher {labels.teacher_hash}, but the "
+                         f"teacher checkpoint is {teacher_hash}; re-run `actdistill probe-teacher` so the "
+                         f"targets match the teacher")
+
+
+def _keep(batch: pa.Table, keep: pa.Array) -> pa.Table:
+    return batch.filter(pc.is_in(batch["episode_id"], value_set=keep))
+
+
+def open_labelled(uri: str, episodes: set[str] | None = None) -> ray.data.Dataset:
+    """Labelled rows (optionally only some episodes); missing label columns are an error."""
+    fs, path = storage.resolve(uri)
+    ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
+    missing = [c for c in LABEL_COLUMNS if c not in ds.schema().names]
+    if missing:
+        raise ValueError(f"{uri}: labelled shards lack column(s) {missing}; re-run `actdistill probe-teacher`")
+    if episodes is not None:
+        ds = ds.map_batches(_keep, batch_format="pyarrow", zero_copy_batch=True,
+                            fn_kwargs={"keep": pa.array(sorted(episodes), pa.string())})
+    return ds

@@ -1,0 +1,179 @@
+"""The Parquet trajectory-shard schema: writing episodes to shards and reading them back with Ray Data."""
+
+from __future__ import annotations
+
+import io
+import logging
+import zlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.data import storage
+from pipeline.data.manifest import EpisodeEntry, Manifest, Stats, hash_shards, read_manifest, write_manifest
+from pipeline.sim.metaworld_env import Episode
+
+if TYPE_CHECKING:
+    import ray.data
+
+log = logging.getLogger(__name__)
+
+# One row per time step; image, proprio and action are flat fixed-size lists so Ray Data hands
+# them to the trainer as 2-D (rows, n) arrays without per-row Python objects.
+REQUIRED_COLUMNS = ("episode_id", "step", "task", "instruction", "image", "proprio", "action", "done")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def shard_schema(image_shape: tuple[int, int, int], proprio_dim: int, action_dim: int) -> pa.Schema:
+    h, w, c = image_shape
+    return pa.schema([
+        ("episode_id", pa.string()),
+        ("step", pa.int32()),
+        ("task", pa.string()),
+        ("instruction", pa.string()),
+        ("image", pa.list_(pa.uint8(), h * w * c)),
+        ("proprio", pa.list_(pa.float32(), proprio_dim)),
+        ("action", pa.list_(pa.float32(), action_dim)),
+        ("done", pa.bool_()),
+    ])
+
+
+def _fixed_list(values: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray:
+    rows = values.reshape(values.shape[0], -1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1), type=dtype), rows.shape[1])
+
+
+def episode_table(ep: Episode, schema: pa.Schema) -> pa.Table:
+    """One episode as rows of the shard schema."""
+    t = ep.num_steps
+    done = np.zeros(t, dtype=bool)
+    done[-1] = True
+    return pa.Table.from_arrays([
+        pa.array([ep.episode_id] * t, pa.string()),
+        pa.array(np.arange(t, dtype=np.int32)),
+        pa.array([ep.task] * t, pa.string()),
+        pa.array([ep.instruction] * t, pa.string()),
+        _fixed_list(np.ascontiguousarray(ep.images, dtype=np.uint8), pa.uint8()),
+        _fixed_list(ep.proprio.astype(np.float32), pa.float32()),
+        _fixed_list(ep.actions.astype(np.float32), pa.float32()),
+        pa.array(done),
+    ], schema=schema)
+
+
+def _check_episodes(episodes: list[Episode], dropped: int) -> None:
+    if not episodes:
+        raise ValueError(f"no successful episodes to write ({dropped} dropped as failures); "
+                         f"set collect.keep_failed=true or more episodes (collect.episodes_per_task, "
+                         f"collect.max_steps)")
+    first = episodes[0]
+    for ep in episodes:
+        shapes = (ep.images.shape[1:], ep.proprio.shape[1:], ep.actions.shape[1:])
+        if shapes != (first.images.shape[1:], first.proprio.shape[1:], first.actions.shape[1:]):
+            raise ValueError(f"episode {ep.episode_id} has image/proprio/action shapes {shapes}, unlike "
+                             f"{first.episode_id}; one shard folder holds one camera/image size")
+
+
+def _serialise(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    # Row groups of ~256 rows (3 MB at 64x64) let Ray Data split a shard across readers.
+    pq.write_table(table, buf, row_group_size=256)
+    return buf.getvalue()
+
+
+def _manifest_for(episodes: list[Episode], shards: dict[str, bytes], dropped: int) -> Manifest:
+    first = episodes[0]
+    tasks = list(dict.fromkeys(ep.task for ep in episodes))
+    return Manifest(
+        action_dim=first.actions.shape[1], proprio_dim=first.proprio.shape[1],
+        image_shape=list(first.images.shape[1:]),
+        action_stats=Stats.of(np.concatenate([ep.actions for ep in episodes])),
+        proprio_stats=Stats.of(np.concatenate([ep.proprio for ep in episodes])),
+        num_episodes=len(episodes), num_steps=sum(ep.num_steps for ep in episodes),
+        tasks=tasks, instructions={ep.task: ep.instruction for ep in episodes},
+        episodes=[EpisodeEntry(episode_id=ep.episode_id, task=ep.task, seed=ep.seed,
+                               num_steps=ep.num_steps, success=ep.success) for ep in episodes],
+        shards=sorted(shards), content_hash=hash_shards(shards), dropped_episodes=dropped)
+
+
+def write_shards(episodes: list[Episode], uri: str, rows_per_shard: int, dropped: int = 0) -> Manifest:
+    """Write episodes as shard-00000.parquet, ... plus manifest.json into a local folder or s3:// prefix."""
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard={rows_per_shard}; must be >= 1, e.g. 2000")
+    _check_episodes(episodes, dropped)
+    first = episodes[0]
+    schema = shard_schema(tuple(first.images.shape[1:]), first.proprio.shape[1], first.actions.shape[1])
+    # concat_tables only chains chunks, so slicing into shards copies nothing until serialisation.
+    table = pa.concat_tables([episode_table(ep, schema) for ep in episodes])
+    shards: dict[str, bytes] = {}
+    for index, start in enumerate(range(0, table.num_rows, rows_per_shard)):
+        data = _serialise(table.slice(start, rows_per_shard))
+        shards[shard_name(index)] = data
+        storage.write_bytes(storage.join(uri, shard_name(index)), data)
+    manifest = _manifest_for(episodes, shards, dropped)
+    write_manifest(uri, manifest)
+    log.info("wrote %d episodes, %d rows in %d shards to %s", manifest.num_episodes, manifest.num_steps,
+             len(shards), uri)
+    return manifest
+
+
+def shard_files(uri: str, manifest: Manifest) -> list[str]:
+    """The manifest's shards as full URIs (s3://...) or absolute local paths."""
+    if storage.is_s3(uri):
+        return [storage.join(uri, name) for name in manifest.shards]
+    return [storage.resolve(storage.join(uri, name))[1] for name in manifest.shards]
+
+
+def check_columns(uri: str, manifest: Manifest) -> None:
+    """Read each shard's footer and name the first file lacking a required column."""
+    for name in manifest.shards:
+        fs, path = storage.resolve(storage.join(uri, name))
+        try:
+            present = set(pq.read_schema(path, filesystem=fs).names)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{storage.join(uri, name)} is listed in the manifest but missing; "
+                                    f"re-run `actdistill collect` for {uri}") from None
+        missing = [c for c in REQUIRED_COLUMNS if c not in present]
+        if missing:
+            raise ValueError(f"{storage.join(uri, name)} lacks column(s) {missing}; shards need "
+                             f"{list(REQUIRED_COLUMNS)}. Re-run `actdistill collect` for {uri}")
+
+
+def _keep_episodes(batch: pa.Table, keep: pa.Array) -> pa.Table:
+    return batch.filter(pc.is_in(batch["episode_id"], value_set=keep))
+
+
+def open_shards(uri: str, manifest: Manifest | None = None,
+                episodes: set[str] | None = None) -> ray.data.Dataset:
+    """A Ray Dataset over a shard folder, optionally only the rows of the given episode ids."""
+    import ray.data
+
+    manifest = manifest or read_manifest(uri)
+    check_columns(uri, manifest)
+    fs, _ = storage.resolve(uri)
+    paths = [storage.resolve(f)[1] for f in shard_files(uri, manifest)]
+    ds = ray.data.read_parquet(paths, filesystem=fs)
+    if episodes is not None:
+        keep = pa.array(sorted(episodes), pa.string())
+        ds = ds.map_batches(_keep_episodes, batch_format="pyarrow", fn_kwargs={"keep": keep},
+                            zero_copy_batch=True)
+    return ds
+
+
+def split_episodes(manifest: Manifest, val_fraction: float) -> tuple[set[str], set[str]]:
+    """(train ids, val ids): a hash ranking, so the split is the same on every run and machine."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction}; must be in [0, 1), e.g. 0.2")
+    ids = sorted((zlib.crc32(e.episode_id.encode()), e.episode_id) for e in manifest.episodes)
+    n = len(ids)
+    n_val = 0
+    if val_fraction > 0 and n >= 2:
+        # Both sides non-empty whenever that is possible; a single episode goes to training.
+        n_val = min(max(round(val_fraction * n), 1), n - 1)
+    val = {eid for _, eid in ids[:n_val]}
+    return {eid for _, eid in ids[n_val:]}, val

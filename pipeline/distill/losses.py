@@ -1,0 +1,90 @@
+"""ActDistill losses: layer weights, semantic alignment, batch structure, per-layer action, budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def layer_weights(num_layers: int, gamma: float) -> torch.Tensor:
+    """w_l = (l / (L-1))^gamma, normalised to mean 1 (deeper layers weigh more)."""
+    if num_layers == 1:
+        return torch.ones(1)
+    w = (torch.arange(num_layers, dtype=torch.float32) / (num_layers - 1)) ** gamma
+    return w / w.mean()
+
+
+def align_loss(s_student: torch.Tensor, s_teacher: torch.Tensor) -> torch.Tensor:
+    """mean_b (1 - cos(s^S, s^T)) for one layer (B x S each)."""
+    return (1.0 - F.cosine_similarity(s_student, s_teacher, dim=-1)).mean()
+
+
+def batch_cosine(x: torch.Tensor) -> torch.Tensor:
+    """B x B cosine-similarity matrix of a batch of vectors."""
+    x = F.normalize(x, dim=-1, eps=1e-8)
+    return x @ x.T
+
+
+def struct_loss(s_student: torch.Tensor, s_teacher: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(batch_cosine(s_student), batch_cosine(s_teacher))
+
+
+def action_loss(a_student: torch.Tensor, a_gt: torch.Tensor, a_teacher: torch.Tensor,
+                a_prev: torch.Tensor | None) -> torch.Tensor:
+    """MSE to ground truth + MSE to teacher layer + MSE to the previous student layer (stop-gradient)."""
+    loss = F.mse_loss(a_student, a_gt) + F.mse_loss(a_student, a_teacher)
+    if a_prev is not None:
+        loss = loss + F.mse_loss(a_student, a_prev.detach())
+    return loss
+
+
+def budget_loss(gates: torch.Tensor, budget: float) -> torch.Tensor:
+    """(mean_{b,l} g - rho)^2: pulls the executed fraction towards the budget."""
+    return (gates.mean() - budget) ** 2
+
+
+def balance_loss(gates: torch.Tensor) -> torch.Tensor:
+    """Variance of per-layer usage around the mean usage (equalises layers)."""
+    usage = gates.mean(0)
+    return ((usage - usage.mean()) ** 2).mean()
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    alpha: float = 1.0
+    beta: float = 1.0
+    eta: float = 0.5
+    gamma: float = 2.0
+    budget_weight: float = 1.0
+    balance_weight: float = 0.0
+    budget: float = 0.5
+
+
+def distill_loss(actions: torch.Tensor, a_gt: torch.Tensor, sem_s: torch.Tensor, act_s: torch.Tensor,
+                 sem_t: torch.Tensor, act_t: torch.Tensor, gates: torch.Tensor, w: LossWeights
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """L = L_task + sum_l w_l [alpha (align + eta struct) + beta act] + budget (+ balance).
+
+    sem_* are L x B x S, act_* are L x B x A, gates B x L.
+    """
+    num_layers = sem_s.shape[0]
+    weights = layer_weights(num_layers, w.gamma).to(actions.device)
+    task = F.mse_loss(actions, a_gt)
+    parts = {"align": 0.0, "struct": 0.0, "act": 0.0}
+    layered = actions.new_zeros(())
+    for l in range(num_layers):
+        align = align_loss(sem_s[l], sem_t[l])
+        struct = struct_loss(sem_s[l], sem_t[l])
+        act = action_loss(act_s[l], a_gt, act_t[l], act_s[l - 1] if l > 0 else None)
+        layered = layered + weights[l] * (w.alpha * (align + w.eta * struct) + w.beta * act)
+        parts["align"] += float(align) / num_layers
+        parts["struct"] += float(struct) / num_layers
+        parts["act"] += float(act) / num_layers
+    budget = budget_loss(gates, w.budget)
+    total = task + layered + w.budget_weight * budget
+    if w.balance_weight > 0:
+        total = total + w.balance_weight * balance_loss(gates)
+    parts.update(task=float(task), budget=float(budget), total=float(total))
+    return total, parts

@@ -1,0 +1,109 @@
+"""The router (one gate per decoder layer from the input embeddings) and the gated decoder-layer wrapper."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+GateMode = Literal["off", "soft", "straight_through", "hard"]
+
+
+class Router(nn.Module):
+    """g = sigmoid(W [mean,max](vision) ++ [mean,max](instruction) + b), shape B x L."""
+
+    def __init__(self, d_model: int, hidden: int, num_layers: int, init_open: float = 2.0) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_model, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.out = nn.Linear(4 * hidden, num_layers)
+        # Start with gates ~0.88 (sigmoid(2)): the student begins as its teacher and the budget
+        # term then closes layers, instead of starting from a random half-network.
+        nn.init.zeros_(self.out.weight)
+        nn.init.constant_(self.out.bias, init_open)
+
+    def forward(self, vision: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        v = self.norm(self.proj(vision))
+        t = self.norm(self.proj(text))
+        m = text_mask.unsqueeze(-1).to(t.dtype)
+        t_mean = (t * m).sum(1) / m.sum(1).clamp_min(1.0)
+        t_max = t.masked_fill(m == 0, torch.finfo(t.dtype).min).amax(1)
+        feats = torch.cat([v.mean(1), v.amax(1), t_mean, t_max], dim=-1)
+        return torch.sigmoid(self.out(feats))
+
+
+@dataclass
+class GateState:
+    """Per-forward gating state shared by the wrappers of one model (not a module: no weights)."""
+
+    mode: GateMode = "off"
+    gates: torch.Tensor | None = None           # B x L soft gates from the router
+    threshold: float = 0.5
+    executed: torch.Tensor | None = None        # B x L, 1 where the layer ran for that row
+    hidden: list[torch.Tensor] | None = None    # per-layer outputs when recording
+    calls: list[int] = field(default_factory=list)  # rows run per layer call (for tests/FLOPs)
+
+
+def _take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
+    """Index every batch-leading tensor in a layer's arguments by `rows`; broadcast ones stay."""
+    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch:
+        return value[rows]
+    if isinstance(value, tuple):
+        return tuple(_take_rows(v, rows, batch) for v in value)
+    return value
+
+
+class GatedLayer(nn.Module):
+    """Wraps one decoder layer: h + g (Layer(h) - h) when training, run-or-skip per row at inference."""
+
+    def __init__(self, layer: nn.Module, index: int, state: GateState) -> None:
+        super().__init__()
+        self.layer = layer
+        self.index = index
+        self._state = state
+
+    def __getattr__(self, name: str) -> Any:
+        # Backbones read attributes of their layers (Qwen2: `attention_type`); forward them.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        state, i = self._state, self.index
+        if state.mode == "off" or state.gates is None:
+            out = self._run(hidden_states, args, kwargs)
+        elif state.mode == "hard":
+            out = self._run_hard(hidden_states, args, kwargs)
+        else:
+            g = state.gates[:, i]
+            if state.mode == "straight_through":
+                hard = (g >= state.threshold).to(g.dtype)
+                g = hard + g - g.detach()  # forward: 0/1 as at inference; backward: the soft gate's gradient
+            out = hidden_states + g.view(-1, 1, 1) * (self._run(hidden_states, args, kwargs) - hidden_states)
+        if state.hidden is not None:
+            state.hidden.append(out)
+        return out
+
+    def _run(self, h: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        self._state.calls.append(h.shape[0])
+        out = self.layer(h, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def _run_hard(self, h: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        state, batch = self._state, h.shape[0]
+        run = state.gates[:, self.index] >= state.threshold
+        if state.executed is not None:
+            state.executed[:, self.index] = run.to(state.executed.dtype)
+        if not bool(run.any()):
+            return h  # a skipped layer leaves h unchanged and costs nothing
+        if bool(run.all()):
+            return self._run(h, args, kwargs)
+        rows = run.nonzero(as_tuple=True)[0]
+        sub = self._run(h[rows], _take_rows(args, rows, batch),
+                        {k: _take_rows(v, rows, batch) for k, v in kwargs.items()})
+        out = h.clone()
+        out[rows] = sub
+        return out

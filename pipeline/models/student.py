@@ -1,0 +1,34 @@
+"""Derive a routed student from a teacher (same weights + a new router) and pair it with the probes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.models.graph import ProbeSet
+from pipeline.models.vla import VLA
+
+
+def derive_student(teacher: VLA, router_hidden: int) -> VLA:
+    """A copy of the teacher's weights with a router; with the router forced open it is the teacher."""
+    student = VLA(teacher.cfg.model_copy(update={"router_hidden": router_hidden}))
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("router.") for k in missing):
+        raise RuntimeError(f"teacher and student disagree beyond the router: missing={missing} "
+                           f"unexpected={unexpected}")
+    return student
+
+
+class DistillModule(nn.Module):
+    """What stage 2 trains: the student and the stage-1 probes. Only `.student` is exported."""
+
+    def __init__(self, student: VLA, probes: ProbeSet) -> None:
+        super().__init__()
+        self.student = student
+        self.probes = probes
+
+    def forward(self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor,
+                mode: str, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.student(images, instructions, proprio, mode=mode, threshold=threshold, record=True)
+        sem, act = self.probes(out.hidden, out.token_mask)
+        return out.actions, sem, act, out.gates

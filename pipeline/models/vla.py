@@ -1,0 +1,143 @@
+"""The VLA policy: vision patches + instruction tokens + proprioception -> HF decoder -> continuous action.
+
+Teacher and student are this one class: the teacher has no router (or runs it forced open), the
+student carries a router that decides which decoder layers run for each input.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from pipeline.config import ModelSection
+from pipeline.models.backbones import backbone_config, build_backbone
+from pipeline.models.router import GatedLayer, GateMode, GateState, Router
+
+
+class VLAConfig(BaseModel):
+    """Everything needed to rebuild a VLA; stored as config.json beside the safetensors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    backbone: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    max_instruction_tokens: int
+    image_size: int
+    patch_size: int
+    proprio_dim: int
+    action_dim: int
+    router_hidden: int | None = None  # None: a teacher (no router)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def seq_len(self) -> int:
+        # vision patches, instruction tokens, one proprio token, one action-query token
+        return self.num_patches + self.max_instruction_tokens + 2
+
+
+def tokenize(instructions: list[str], vocab_size: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hash words into vocab buckets (0 is padding): deterministic, offline, no tokenizer download."""
+    ids = torch.zeros(len(instructions), max_len, dtype=torch.long)
+    for row, text in enumerate(instructions):
+        words = str(text).lower().split()[:max_len]
+        for col, word in enumerate(words):
+            ids[row, col] = 1 + zlib.crc32(word.encode()) % (vocab_size - 1)
+    return ids, (ids != 0).long()
+
+
+@dataclass
+class VLAOutput:
+    actions: torch.Tensor                 # B x action_dim (normalised units)
+    gates: torch.Tensor | None            # B x L router output, None for a teacher
+    executed: torch.Tensor                # B x L, 1 where the layer ran
+    hidden: list[torch.Tensor] | None     # per-layer B x N x d when recorded
+    token_mask: torch.Tensor              # B x N, 1 for real tokens
+
+
+class VLA(nn.Module):
+    def __init__(self, cfg: VLAConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.patch = nn.Conv2d(3, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.patch_pos = nn.Parameter(torch.zeros(1, cfg.num_patches, d))
+        self.vision_norm = nn.LayerNorm(d)
+        self.proprio = nn.Sequential(nn.Linear(cfg.proprio_dim, d), nn.GELU(), nn.Linear(d, d))
+        self.action_query = nn.Parameter(torch.zeros(1, 1, d))
+        nn.init.normal_(self.patch_pos, std=0.02)
+        nn.init.normal_(self.action_query, std=0.02)
+        hf_cfg = backbone_config(cfg.backbone, hidden_size=d, num_layers=cfg.num_layers,
+                                 num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                                 intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
+                                 max_positions=max(64, cfg.seq_len))
+        self.backbone = build_backbone(cfg.backbone, hf_cfg)
+        self.gate_state = GateState()
+        for i, layer in enumerate(list(self.backbone.layers)):
+            self.backbone.layers[i] = GatedLayer(layer, i, self.gate_state)
+        self.action_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.action_dim))
+        self.router = Router(d, cfg.router_hidden, cfg.num_layers) if cfg.router_hidden else None
+
+    def embed(self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input embeddings (B x N x d), token mask, and the vision, text, text-mask parts the router reads."""
+        vision = self.patch(images).flatten(2).transpose(1, 2) + self.patch_pos
+        vision = self.vision_norm(vision)
+        ids, text_mask = tokenize(instructions, self.cfg.vocab_size, self.cfg.max_instruction_tokens)
+        ids, text_mask = ids.to(images.device), text_mask.to(images.device)
+        text = self.backbone.get_input_embeddings()(ids)
+        batch = images.shape[0]
+        tail = torch.cat([self.proprio(proprio).unsqueeze(1), self.action_query.expand(batch, -1, -1)], 1)
+        tokens = torch.cat([vision, text, tail], dim=1)
+        ones = torch.ones(batch, vision.shape[1], dtype=torch.long, device=images.device)
+        mask = torch.cat([ones, text_mask, torch.ones(batch, 2, dtype=torch.long, device=images.device)], 1)
+        return tokens, mask, vision, text, text_mask
+
+    def forward(self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor,
+                mode: GateMode = "off", threshold: float = 0.5, record: bool = False) -> VLAOutput:
+        """mode: off (teacher / router forced open), soft, straight_through (training), hard (inference)."""
+        tokens, mask, vision, text, text_mask = self.embed(images, instructions, proprio)
+        batch, layers = images.shape[0], self.cfg.num_layers
+        gates = self.router(vision, text, text_mask) if (self.router is not None and mode != "off") else None
+        executed = torch.ones(batch, layers, device=images.device)
+        state = self.gate_state
+        state.mode, state.gates, state.threshold = (mode if gates is not None else "off"), gates, threshold
+        state.executed = executed if mode == "hard" else None
+        state.hidden = [] if record else None
+        try:
+            out = self.backbone(inputs_embeds=tokens, attention_mask=mask, use_cache=False)
+        finally:
+            hidden, state.hidden, state.gates, state.executed = state.hidden, None, None, None
+        if gates is not None and mode != "hard":
+            executed = (gates >= threshold).to(gates.dtype) if mode == "straight_through" else gates.detach()
+        actions = self.action_head(out.last_hidden_state[:, -1])
+        return VLAOutput(actions=actions, gates=gates, executed=executed, hidden=hidden, token_mask=mask)
+
+    def without_router(self) -> "VLA":
+        """Drop the router in place (a teacher view of the same weights)."""
+        self.router = None
+        return self
+
+
+def teacher_config(model: ModelSection, image_shape: list[int], proprio_dim: int, action_dim: int) -> VLAConfig:
+    """A teacher's config: widths from the model section, input/output sizes from the data manifest."""
+    if image_shape[0] != image_shape[1]:
+        raise ValueError(f"images are {image_shape[0]}x{image_shape[1]}; the vision encoder needs square images")
+    if image_shape[0] % model.patch_size:
+        raise ValueError(f"model.patch_size={model.patch_size} does not divide the shards' image size "
+                         f"{image_shape[0]}; choose a divisor such as 8 or 16")
+    return VLAConfig(backbone=model.backbone, hidden_size=model.hidden_size, num_layers=model.num_layers,
+                     num_heads=model.num_heads, num_kv_heads=model.num_kv_heads,
+                     intermediate_size=model.intermediate_size, vocab_size=model.vocab_size,
+                     max_instruction_tokens=model.max_instruction_tokens, image_size=image_shape[0],
+                     patch_size=model.patch_size, proprio_dim=proprio_dim, action_dim=action_dim)

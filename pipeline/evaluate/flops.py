@@ -1,0 +1,35 @@
+"""Analytic FLOPs per policy call (multiply-add = 2 FLOPs), split into vision, backbone, router, head.
+
+Norms, activations, softmax and rotary embeddings are left out (<1% at these widths); what is counted
+is every matrix product, so the count is linear in the number of decoder layers executed.
+"""
+
+from __future__ import annotations
+
+from pipeline.models.vla import VLAConfig
+
+
+def decoder_layer_flops(cfg: VLAConfig) -> int:
+    """One decoder layer over the full sequence: q/k/v/o projections, attention, gated MLP."""
+    n, d, f = cfg.seq_len, cfg.hidden_size, cfg.intermediate_size
+    kv = d // cfg.num_heads * cfg.num_kv_heads
+    projections = 2 * n * d * (d + 2 * kv + d)
+    attention = 2 * 2 * n * n * d            # scores (QK^T) and the weighted sum (AV)
+    mlp = 2 * n * 3 * d * f                  # gate, up, down
+    return projections + attention + mlp
+
+
+def policy_flops(cfg: VLAConfig, executed_layers: float, router_hidden: int | None = None) -> dict[str, float]:
+    """FLOPs of one batch-1 call running `executed_layers` decoder layers (a mean for routed students)."""
+    d, p = cfg.hidden_size, cfg.patch_size
+    vision = 2 * cfg.num_patches * (3 * p * p) * d
+    proprio = 2 * (cfg.proprio_dim * d + d * d)
+    backbone = executed_layers * decoder_layer_flops(cfg)
+    head = 2 * (d * d + d * cfg.action_dim)
+    router = 0
+    if router_hidden:
+        router = 2 * (cfg.num_patches + cfg.max_instruction_tokens) * d * router_hidden
+        router += 2 * 4 * router_hidden * cfg.num_layers
+    total = vision + proprio + backbone + head + router
+    return {"vision": float(vision), "backbone": float(backbone), "router": float(router),
+            "action_head": float(head + proprio), "total": float(total)}

@@ -1,0 +1,46 @@
+"""A loaded policy for closed-loop use: raw image, instruction and proprioception in, actions out."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.data.batches import Normalizer
+from pipeline.models.checkpoint import load_policy
+
+
+class Policy:
+    """Teacher (no router: every layer runs) or routed student (hard gates: skipped layers cost nothing)."""
+
+    def __init__(self, uri: str) -> None:
+        self.model, self.meta = load_policy(uri)
+        self.normalizer = Normalizer.from_dict(self.meta["normalizer"])
+        self.threshold = float(self.meta.get("threshold", 0.5))
+        self.routed = self.model.router is not None
+        self.executed: list[np.ndarray] = []   # per call: B x L executed-layer flags
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.cfg.num_layers
+
+    @torch.no_grad()
+    def act(self, images: np.ndarray, instructions: list[str], proprio: np.ndarray) -> np.ndarray:
+        """images B x H x W x 3 uint8, proprio B x P (raw units) -> actions B x A (raw units)."""
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2) / 255.0
+        p = self.normalizer.norm_proprio(torch.from_numpy(np.asarray(proprio, dtype=np.float32)))
+        out = self.model(x, list(instructions), p, mode="hard" if self.routed else "off",
+                         threshold=self.threshold)
+        self.executed.append(out.executed.numpy().copy())
+        return self.normalizer.denorm_action(out.actions).numpy()
+
+    def executed_fraction(self) -> float:
+        """Mean fraction of decoder layers run per call so far (1.0 for a teacher)."""
+        if not self.executed:
+            return 1.0
+        return float(np.concatenate(self.executed).mean())
+
+    def layer_frequency(self) -> list[float]:
+        """Per-layer execution frequency over the calls so far."""
+        if not self.executed:
+            return [1.0] * self.num_layers
+        return np.concatenate(self.executed).mean(0).tolist()

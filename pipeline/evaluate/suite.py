@@ -1,0 +1,98 @@
+"""Evaluate policies side by side: closed-loop success, held-out action error, FLOPs, latency."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import PipelineConfig
+from pipeline.data.manifest import read_manifest
+from pipeline.data.shards import open_shards, split_episodes
+from pipeline.evaluate.flops import policy_flops
+from pipeline.evaluate.metrics import action_error, wilson_interval
+from pipeline.evaluate.policy import Policy
+from pipeline.evaluate.rollout import mean_layer_frequency, run_closed_loop, success_table
+
+
+def paired_latency(policies: dict[str, Policy], sample: dict[str, Any], calls: int) -> dict[str, dict[str, float]]:
+    """Batch-1 latency, calls interleaved across policies so machine noise hits all of them alike."""
+    args = (sample["image"][None], [sample["instruction"]], sample["proprio"][None])
+    for policy in policies.values():
+        for _ in range(3):
+            policy.act(*args)
+    times: dict[str, list[float]] = {name: [] for name in policies}
+    for _ in range(calls):
+        for name, policy in policies.items():
+            start = time.perf_counter()
+            policy.act(*args)
+            times[name].append((time.perf_counter() - start) * 1000.0)
+    out = {}
+    for name, policy in policies.items():
+        policy.executed.clear()
+        out[name] = {"latency_ms_median": float(np.median(times[name])),
+                     "latency_ms_p90": float(np.percentile(times[name], 90))}
+    return out
+
+
+def _sample_row(cfg: PipelineConfig, val_ids: set[str], image_shape: list[int]) -> dict[str, Any]:
+    batch = next(iter(open_shards(cfg.shards_uri, episodes=val_ids).iter_batches(batch_size=1, batch_format="numpy")))
+    image = np.asarray(np.stack(batch["image"]) if batch["image"].dtype == object else batch["image"])
+    proprio = np.asarray(np.stack(batch["proprio"]) if batch["proprio"].dtype == object else batch["proprio"])
+    return {"image": image.reshape(image_shape).astype(np.uint8), "instruction": str(batch["instruction"][0]),
+            "proprio": proprio.reshape(-1).astype(np.float32)}
+
+
+def _policy_block(name: str, policy: Policy, results: list, offline: dict[str, float],
+                  lat: dict[str, float]) -> dict[str, Any]:
+    table = success_table(results, name)
+    per_task = {}
+    for task, outcomes in table.items():
+        lo, hi = wilson_interval(sum(outcomes), len(outcomes))
+        per_task[task] = {"success": float(np.mean(outcomes)), "episodes": len(outcomes), "ci95": [lo, hi]}
+    outcomes = [s for v in table.values() for s in v]
+    lo, hi = wilson_interval(sum(outcomes), len(outcomes))
+    freq = mean_layer_frequency(results, name)
+    executed = float(np.mean(freq)) if freq else 1.0
+    flops = policy_flops(policy.model.cfg, executed * policy.num_layers,
+                         policy.model.router.proj.out_features if policy.routed else None)
+    return {"success": float(np.mean(outcomes)), "episodes": len(outcomes), "ci95": [lo, hi],
+            "per_task": per_task, "executed_fraction": executed, "layer_frequency": freq,
+            "flops": flops, **offline, **lat}
+
+
+def evaluate_policies(cfg: PipelineConfig, uris: dict[str, str], episodes_per_task: int) -> dict[str, Any]:
+    """A report dict: one block per policy, plus student/teacher ratios when both are present."""
+    manifest = read_manifest(cfg.shards_uri)
+    _, val_ids = split_episodes(manifest, cfg.data.val_fraction)
+    image_shape = tuple(manifest.image_shape)
+    seeds = [cfg.evaluate.seed + i for i in range(episodes_per_task)]
+    results = run_closed_loop(uris, cfg.collect.tasks, seeds, manifest.image_shape[0], cfg.collect.camera,
+                              cfg.evaluate.max_steps)
+    policies = {name: Policy(uri) for name, uri in uris.items()}
+    heldout = open_shards(cfg.shards_uri, manifest, episodes=val_ids).materialize()
+    lat = paired_latency(policies, _sample_row(cfg, val_ids, list(image_shape)), cfg.evaluate.latency_calls)
+    report: dict[str, Any] = {
+        "tasks": cfg.collect.tasks, "seeds": seeds, "max_steps": cfg.evaluate.max_steps,
+        "policies": {name: _policy_block(name, p, results, action_error(p, heldout, image_shape), lat[name])
+                     for name, p in policies.items()},
+    }
+    if "teacher" in uris:
+        report["ratios"] = _ratios(report["policies"])
+    return report
+
+
+def _ratios(blocks: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    teacher = blocks["teacher"]
+    out = {}
+    for name, b in blocks.items():
+        if name == "teacher":
+            continue
+        out[name] = {
+            "backbone_flops_ratio": b["flops"]["backbone"] / teacher["flops"]["backbone"],
+            "total_flops_ratio": b["flops"]["total"] / teacher["flops"]["total"],
+            "latency_speedup": teacher["latency_ms_median"] / b["latency_ms_median"],
+            "success_delta": b["success"] - teacher["success"],
+        }
+    return out

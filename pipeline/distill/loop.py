@@ -150,9 +150,14 @@ class _StudentObjective(nn.Module):
                 ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         pred, sem_s, act_s, gates = self.distill(images, instructions, proprio, self.job.gate,
                                                  self.job.threshold)
+        hard = (gates >= self.job.threshold).to(gates.dtype)
+        if self.job.gate == "straight_through":
+            # The budget then sees the executed fraction (forward) with the soft gates' gradient
+            # (backward); on soft gates alone, mean g = rho while 80% of layers still run.
+            gates = hard + gates - gates.detach()
         loss, parts = distill_loss(pred.float(), actions, sem_s.float(), act_s.float(), sem_t, act_t,
                                    gates.float(), self.job.weights)
-        return loss, parts, (gates >= self.job.threshold).float().mean()
+        return loss, parts, hard.mean()
 
 
 def _teacher_targets(batch: dict[str, np.ndarray], job: StudentJob, layers: int

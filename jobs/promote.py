@@ -1,0 +1,78 @@
+"""The promote job: gate the sweep's students against the teacher and register the best in MLflow."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import mlflow
+
+from pipeline.cli import run_cli
+from pipeline.config import ConfigError, PipelineConfig
+from pipeline.models.checkpoint import read_policy_config
+from pipeline.tracking.registry import Gate, best_passing, find_version, register_student, set_aliases
+from pipeline.tracking.runs import stage_run
+
+log = logging.getLogger(__name__)
+
+
+def _read_json(path: Any, producer: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; run `actdistill {producer}` with this config first")
+    return json.loads(path.read_text())
+
+
+def candidates(cfg: PipelineConfig) -> tuple[list[dict[str, Any]], float]:
+    """Sweep trials plus the pipeline's own student, each with success, compute and action error."""
+    report = _read_json(cfg.stage_dir("evaluate") / "report.json", "evaluate")
+    sweep = _read_json(cfg.stage_dir("sweep") / "trials.json", "sweep")
+    student = report["policies"]["student"]
+    own = {"trial": "distill", "params": {"router.budget": cfg.router.budget},
+           "student_uri": str(cfg.stage_dir("student")), "success": student["success"],
+           "compute_ratio": student["executed_fraction"], "action_mse_norm": student["action_mse_norm"]}
+    return [own, *sweep["trials"]], float(report["policies"]["teacher"]["success"])
+
+
+def _teacher_run_id(teacher_hash: str) -> str:
+    runs = mlflow.search_runs(filter_string=f"tags.stage = 'train-teacher' and tags.teacher_hash = '{teacher_hash}'",
+                              max_results=1, output_format="list")
+    return runs[0].info.run_id if runs else ""
+
+
+def evidence(cfg: PipelineConfig, best: dict[str, Any], teacher_success: float) -> dict[str, str]:
+    meta = read_policy_config(best["student_uri"])
+    return {"success": best["success"], "compute_ratio": best["compute_ratio"],
+            "action_mse_norm": best["action_mse_norm"], "teacher_success": teacher_success,
+            "student_hash": meta["weights_sha256_16"], "teacher_hash": meta["teacher_hash"],
+            "teacher_run_id": _teacher_run_id(meta["teacher_hash"]), "data_content_hash": meta["data_content_hash"],
+            "config_digest": meta["config_digest"], "source": best["trial"],
+            "params": json.dumps(best["params"], sort_keys=True)}
+
+
+def main(cfg: PipelineConfig) -> dict[str, str] | None:
+    pool, teacher_success = candidates(cfg)
+    gate = Gate(teacher_success, cfg.promote.success_delta, cfg.promote.compute_budget)
+    with stage_run(cfg, "promote"):
+        best = best_passing(pool, gate)
+        mlflow.log_metrics({"candidates": len(pool), "passing": sum(gate.passes(c) for c in pool)})
+        if best is None:
+            log.warning("no student passes the gate (success >= %.2f - %.2f and compute <= %.2f); "
+                        "nothing registered", teacher_success, gate.success_delta, gate.compute_budget)
+            return None
+        tags = evidence(cfg, best, teacher_success)
+        version = find_version(mlflow.MlflowClient(), cfg.promote.model_name, tags["student_hash"])
+        if version is None:
+            version = register_student(cfg.promote.model_name, best, tags)
+        else:
+            log.info("these weights are already version %s; not registering again", version.version)
+        aliases = set_aliases(cfg.promote.model_name, version)
+        mlflow.set_tags({"model_name": cfg.promote.model_name, "model_version": version.version, **aliases})
+    print(f"registered model {cfg.promote.model_name}: version {version.version} "
+          f"(challenger={aliases['challenger']}, champion={aliases['champion']}) from {best['trial']}")
+    return {"name": cfg.promote.model_name, "version": str(version.version), **aliases}
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, "promote"))

@@ -1,0 +1,91 @@
+"""Model registry: the promotion gate, version tags as evidence, and the challenger/champion aliases."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline.tracking.pyfunc import POLICY_ARTIFACT, StudentPolicyModel
+
+log = logging.getLogger(__name__)
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+
+
+@dataclass(frozen=True)
+class Gate:
+    teacher_success: float
+    success_delta: float
+    compute_budget: float
+
+    def passes(self, candidate: dict[str, Any]) -> bool:
+        return (candidate["success"] >= self.teacher_success - self.success_delta
+                and candidate["compute_ratio"] <= self.compute_budget)
+
+
+def rank_key(candidate: dict[str, Any]) -> tuple[float, float, float]:
+    """Higher success first, then less compute, then lower held-out action error."""
+    return (-candidate["success"], candidate["compute_ratio"], candidate["action_mse_norm"])
+
+
+def best_passing(candidates: list[dict[str, Any]], gate: Gate) -> dict[str, Any] | None:
+    passing = [c for c in candidates if gate.passes(c)]
+    return min(passing, key=rank_key) if passing else None
+
+
+def _alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def find_version(client: MlflowClient, name: str, student_hash: str) -> Any | None:
+    """The version already registered for these exact weights, if any (promote is idempotent)."""
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    for v in versions:
+        if v.tags.get("student_hash") == student_hash:
+            return v
+    return None
+
+
+def register_student(name: str, candidate: dict[str, Any], evidence: dict[str, str]) -> Any:
+    """Log the student as a pyfunc in the active run, register it, and tag the version with its evidence."""
+    info = mlflow.pyfunc.log_model(name="student", python_model=StudentPolicyModel(),
+                                   artifacts={POLICY_ARTIFACT: candidate["student_uri"]},
+                                   pip_requirements=["actdistill"])
+    version = mlflow.register_model(info.model_uri, name)
+    client = MlflowClient()
+    for key, value in evidence.items():
+        client.set_model_version_tag(name, version.version, key, str(value))
+    return client.get_model_version(name, version.version)
+
+
+def beats(challenger: Any, champion: Any | None) -> bool:
+    if champion is None:
+        return True
+    return rank_key(_metrics_of(challenger)) < rank_key(_metrics_of(champion))
+
+
+def _metrics_of(version: Any) -> dict[str, float]:
+    return {k: float(version.tags[k]) for k in ("success", "compute_ratio", "action_mse_norm")}
+
+
+def set_aliases(name: str, version: Any) -> dict[str, str]:
+    """challenger -> this version; champion moves only if it beats the current champion."""
+    client = MlflowClient()
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    champion = _alias_version(client, name, CHAMPION)
+    if champion is None or (champion.version != version.version and beats(version, champion)):
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+        log.info("version %s of %s is now %s", version.version, name, CHAMPION)
+    final = _alias_version(client, name, CHAMPION)
+    return {CHALLENGER: str(version.version), CHAMPION: str(final.version) if final else ""}

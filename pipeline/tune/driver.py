@@ -1,0 +1,66 @@
+"""Ray Tune over distill+evaluate trials: one nested MLflow run per trial under the sweep's parent run."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import mlflow
+from ray import tune
+
+from pipeline.config import PipelineConfig, with_overrides
+from pipeline.distill.fit_student import fit_student
+from pipeline.distill.loop import Tracking
+from pipeline.evaluate.suite import evaluate_policies
+
+# Trials hold almost no CPU themselves: their Ray Train workers and rollout tasks reserve their own.
+TRIAL_RESOURCES = {"CPU": 0.01}
+
+
+def trial_fn_per_trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str) -> None:
+    """One trial (runs in a Tune actor): distill with the sampled values, evaluate the student, report."""
+    cfg = with_overrides(PipelineConfig.model_validate(base), params)
+    trial = tune.get_context().get_trial_name()
+    folder = cfg.stage_dir("sweep") / trial
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_experiment(cfg.tracking.experiment)
+    tags = {"mlflow.parentRunId": parent_run_id, "stage": "sweep-trial", "trial": trial,
+            "config_digest": cfg.digest()}
+    with mlflow.start_run(run_name=trial, tags=tags) as run:
+        mlflow.log_params({k: v for k, v in params.items()})
+        result = fit_student(cfg, Tracking(cfg.tracking_uri, run.info.run_id), str(folder / "student"),
+                             name=f"{cfg.run.name}-{trial}", storage_path=folder / "ray")
+        report = evaluate_policies(cfg, {"student": result.student_uri}, cfg.sweep.eval_episodes_per_task)
+        block = report["policies"]["student"]
+        metrics = {"success": block["success"], "compute_ratio": block["executed_fraction"],
+                   "action_mse_norm": block["action_mse_norm"], "latency_ms_median": block["latency_ms_median"],
+                   "flops_total": block["flops"]["total"], **{f"train_{k}": v for k, v in result.metrics.items()}}
+        mlflow.log_metrics(metrics)
+        (folder / "report.json").write_text(json.dumps(report, indent=2))
+        tune.report({**metrics, "trial": trial, "student_uri": result.student_uri, "mlflow_run_id": run.info.run_id})
+
+
+def run_trials(cfg: PipelineConfig, space: dict[str, Any], parent_run_id: str) -> list[dict[str, Any]]:
+    """Run the sweep; a failed trial is an error naming it (its logs are in the Ray output above)."""
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_fn_per_trial, base=cfg.model_dump(mode="json"), parent_run_id=parent_run_id),
+        TRIAL_RESOURCES)
+    tuner = tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(num_samples=cfg.sweep.num_samples,
+                                    max_concurrent_trials=cfg.sweep.max_concurrent_trials),
+        run_config=tune.RunConfig(name=f"{cfg.run.name}-sweep", storage_path=str(cfg.stage_dir("ray").resolve())),
+    )
+    grid = tuner.fit()
+    failed = [r for r in grid if r.error is not None]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(grid)} sweep trials failed; first error: {failed[0].error}")
+    trials = []
+    for r in grid:
+        m = r.metrics
+        params = {k: r.config[k] for k in space}
+        trials.append({"trial": m["trial"], "params": params, "student_uri": m["student_uri"],
+                       "mlflow_run_id": m["mlflow_run_id"], "success": m["success"],
+                       "compute_ratio": m["compute_ratio"], "action_mse_norm": m["action_mse_norm"],
+                       "latency_ms_median": m["latency_ms_median"]})
+    return trials

@@ -79,12 +79,12 @@ def distill_loss(actions: torch.Tensor, a_gt: torch.Tensor, sem_s: torch.Tensor,
         struct = struct_loss(sem_s[l], sem_t[l])
         act = action_loss(act_s[l], a_gt, act_t[l], act_s[l - 1] if l > 0 else None)
         layered = layered + weights[l] * (w.alpha * (align + w.eta * struct) + w.beta * act)
-        parts["align"] += float(align) / num_layers
-        parts["struct"] += float(struct) / num_layers
-        parts["act"] += float(act) / num_layers
+        parts["align"] += float(align.detach()) / num_layers
+        parts["struct"] += float(struct.detach()) / num_layers
+        parts["act"] += float(act.detach()) / num_layers
     budget = budget_loss(gates, w.budget)
     total = task + layered + w.budget_weight * budget
     if w.balance_weight > 0:
         total = total + w.balance_weight * balance_loss(gates)
-    parts.update(task=float(task), budget=float(budget), total=float(total))
+    parts.update(task=float(task.detach()), budget=float(budget.detach()), total=float(total.detach()))
     return total, parts

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,10 @@ def _task_episodes(policies: dict[str, str], task: str, seeds: list[int], image_
 def run_closed_loop(policies: dict[str, str], tasks: list[str], seeds: list[int], image_size: int,
                     camera: str, max_steps: int) -> list[EpisodeResult]:
     """Every policy runs every (task, seed): teacher and student face identical initial states."""
-    pending = [_task_episodes.remote(policies, t, seeds, image_size, camera, max_steps) for t in tasks]
+    # Inside a Tune trial, child tasks would be captured by the trial's 0.01-CPU placement group and
+    # could never be scheduled; the rollouts reserve their own CPUs instead.
+    task = _task_episodes.options(scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+    pending = [task.remote(policies, t, seeds, image_size, camera, max_steps) for t in tasks]
     results: list[EpisodeResult] = []
     with tqdm(total=len(tasks) * len(seeds) * len(policies), desc="evaluate", unit="episode") as bar:
         while pending:

@@ -1,0 +1,69 @@
+"""Config loading: dotted overrides, and bad configs rejected up front with every problem listed."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, load_config, with_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "jobs" / "configs" / "smoke.yaml"
+
+BAD = """\
+router:
+  budget: 1.4
+collect:
+  taskz: [reach-v3]
+model:
+  backbone: gpt2
+"""
+
+
+def test_smoke_config_loads_and_overrides_win():
+    cfg = load_config(SMOKE, ["router.budget=0.3", "distill.train.zero_stage=3"])
+    assert cfg.router.budget == 0.3 and cfg.distill.train.zero_stage == 3
+    assert cfg.collect.tasks == ["reach-v3", "push-v3"]
+    assert cfg.tracking_uri.startswith("sqlite:///") and cfg.tracking_uri.endswith("mlflow.db")
+
+
+def test_three_bad_values_are_reported_together_with_key_value_and_fix(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "3 problem(s)" in message
+    assert "router.budget=1.4" in message and "fraction of layers to run" in message
+    assert "collect.taskz: unknown key" in message and "episodes_per_task" in message
+    assert "model.backbone='gpt2'" in message and "'llama', 'qwen2' or 'mistral'" in message
+
+
+def test_cross_key_problems_are_listed():
+    with pytest.raises(ConfigError) as err:
+        load_config(SMOKE, ["model.hidden_size=30", "model.patch_size=7"])
+    assert "model.hidden_size=30" in str(err.value) and "model.patch_size=7" in str(err.value)
+
+
+def test_sweep_overrides_build_a_new_validated_config():
+    cfg = load_config(SMOKE)
+    trial = with_overrides(cfg, {"router.budget": 0.6, "distill.alpha": 0.5})
+    assert (trial.router.budget, trial.distill.alpha) == (0.6, 0.5) and cfg.router.budget == 0.5
+    with pytest.raises(ConfigError, match="router.budget=2"):
+        with_overrides(cfg, {"router.budget": 2})
+
+
+@pytest.mark.parametrize("entry", [["-m", "jobs.distill"], ["-m", "pipeline.cli", "distill"]])
+def test_a_job_with_a_bad_config_fails_before_any_ray_work(tmp_path, entry):
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD)
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, *entry, "--config", str(path), f"run.run_dir={tmp_path / 'run'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "3 problem(s)" in proc.stderr and "router.budget=1.4" in proc.stderr
+    assert "Ray" not in proc.stdout + proc.stderr.split("problem(s)")[0]
+    assert not (tmp_path / "run").exists()      # nothing was written: no Ray, no MLflow store
+    assert time.perf_counter() - started < 60

@@ -1,0 +1,136 @@
+"""The routed VLA: student == teacher when forced open, gating semantics, skipped compute, export, FLOPs."""
+
+import pytest
+import torch
+
+from pipeline.evaluate.flops import decoder_layer_flops, policy_flops
+from pipeline.models.checkpoint import load_policy, save_policy
+from pipeline.models.graph import LayerProbe, ProbeSet
+from pipeline.models.student import DistillModule, derive_student
+from pipeline.models.vla import VLA, VLAConfig
+
+NORMALIZER = {"action_mean": [0.0] * 4, "action_std": [1.0] * 4, "proprio_mean": [0.0] * 4,
+              "proprio_std": [1.0] * 4}
+
+
+def tiny(backbone="llama", router_hidden=None, layers=3):
+    return VLAConfig(backbone=backbone, hidden_size=32, num_layers=layers, num_heads=4, num_kv_heads=2,
+                     intermediate_size=64, vocab_size=64, max_instruction_tokens=6, image_size=32,
+                     patch_size=8, proprio_dim=4, action_dim=4, router_hidden=router_hidden)
+
+
+def inputs(batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    words = ["push the puck", "reach the goal now", "open the drawer please", "a"]
+    return (torch.rand(batch, 3, 32, 32, generator=g), [words[i % 4] for i in range(batch)],
+            torch.randn(batch, 4, generator=g))
+
+
+@pytest.mark.parametrize("backbone", ["llama", "qwen2", "mistral"])
+def test_student_with_router_forced_open_equals_teacher(backbone):
+    torch.manual_seed(0)
+    teacher = VLA(tiny(backbone)).eval()
+    student = derive_student(teacher, router_hidden=16).eval()
+    x = inputs()
+    torch.testing.assert_close(student(*x, mode="off").actions, teacher(*x).actions, atol=1e-6, rtol=0)
+
+
+def _set_gates(model, logits):
+    model.router.out.weight.data.zero_()
+    model.router.out.bias.data = torch.tensor(logits, dtype=torch.float32)
+
+
+def test_soft_gate_zero_is_identity_and_one_is_the_layer():
+    torch.manual_seed(0)
+    teacher = VLA(tiny(layers=2)).eval()
+    student = derive_student(teacher, router_hidden=16).eval()
+    x = inputs()
+    _set_gates(student, [-1e4, 50.0])      # sigmoid: exactly 0 for layer 0, 1 for layer 1
+    out = student(*x, mode="soft", record=True)
+    ref = teacher(*x, record=True)
+    tokens, mask, *_ = teacher.embed(*x)
+    # Layer 0 left h untouched (the residual is kept, not multiplied by the gate).
+    torch.testing.assert_close(out.hidden[0], tokens, atol=1e-6, rtol=0)
+    # Layer 1 then ran in full on the unchanged embeddings.
+    direct = teacher.backbone.layers[1].layer
+    position = torch.arange(tokens.shape[1]).unsqueeze(0)
+    cos_sin = teacher.backbone.rotary_emb(tokens, position_ids=position)
+    from transformers.masking_utils import create_causal_mask
+    causal = create_causal_mask(config=teacher.backbone.config, inputs_embeds=tokens, attention_mask=mask,
+                                past_key_values=None, position_ids=position)
+    expected = direct(tokens, attention_mask=causal, position_embeddings=cos_sin, position_ids=position)
+    torch.testing.assert_close(out.hidden[1], expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(out.hidden[1], ref.hidden[1])
+
+
+def test_hard_gate_below_threshold_never_calls_the_layer():
+    torch.manual_seed(0)
+    student = derive_student(VLA(tiny()).eval(), router_hidden=16).eval()
+    _set_gates(student, [5.0, -5.0, 5.0])
+    calls = [0, 0, 0]
+    for i, wrapper in enumerate(student.backbone.layers):
+        wrapper.layer.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    out = student(*inputs(), mode="hard")
+    assert calls == [1, 0, 1]
+    assert out.executed.tolist() == [[1.0, 0.0, 1.0]] * 4
+
+
+def test_mixed_gates_run_each_layer_only_on_its_rows_and_match_row_by_row():
+    torch.manual_seed(0)
+    student = derive_student(VLA(tiny()).eval(), router_hidden=16).eval()
+    torch.nn.init.normal_(student.router.out.weight, std=3.0)
+    x = inputs(batch=6, seed=3)
+    student.gate_state.calls.clear()
+    out = student(*x, mode="hard")
+    rows_run = student.gate_state.calls.copy()
+    executed = out.executed
+    assert 0 < executed.sum() < executed.numel(), "the test needs a batch with mixed gates"
+    assert rows_run == [int(n) for n in executed.sum(0).tolist() if n > 0]
+    for b in range(6):
+        single = student(x[0][b:b + 1], x[1][b:b + 1], x[2][b:b + 1], mode="hard")
+        torch.testing.assert_close(single.actions[0], out.actions[b], atol=1e-5, rtol=0)
+        assert single.executed[0].tolist() == executed[b].tolist()
+
+
+def test_export_holds_no_probe_weights_and_reloads_to_the_same_actions(tmp_path):
+    torch.manual_seed(0)
+    student = derive_student(VLA(tiny()).eval(), router_hidden=16)
+    probes = ProbeSet(3, 32, 16, 8, 4, 4, 4)
+    module = DistillModule(student, probes)
+    assert any(k.startswith("probes.") for k in module.state_dict())
+    save_policy(module.student, str(tmp_path), {"normalizer": NORMALIZER})
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    # Exactly the student's own weights (router included); none of the training-only probes.
+    assert set(keys) == set(student.state_dict())
+    assert any(k.startswith("router.") for k in keys)
+    assert not any(k.startswith(("probes", "phi", "psi", "readout", "pool_query")) for k in keys)
+    reloaded, _ = load_policy(str(tmp_path))
+    x = inputs()
+    torch.testing.assert_close(reloaded(*x, mode="hard").actions, student.eval()(*x, mode="hard").actions)
+
+
+def test_probe_is_finite_at_7b_width_with_large_hidden_values_and_masks_padding():
+    torch.manual_seed(0)
+    probe = LayerProbe(d_model=4096, width=64, semantic_dim=16, top_k=8, heads=4, action_dim=7)
+    hidden = torch.randn(2, 20, 4096) * 30.0
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, 12:] = 0
+    s, a = probe(hidden, mask)
+    assert torch.isfinite(s).all() and torch.isfinite(a).all() and a.shape == (2, 7)
+    # Padding is invisible: changing padded tokens does not change row 1's outputs.
+    hidden2 = hidden.clone()
+    hidden2[1, 12:] = torch.randn(8, 4096) * 30.0
+    s2, _ = probe(hidden2, mask)
+    torch.testing.assert_close(s2[1], s[1], atol=1e-4, rtol=1e-4)
+
+
+def test_flops_are_linear_in_executed_layers_and_match_a_hand_count():
+    cfg = tiny()
+    n, d, f, kv = cfg.seq_len, 32, 64, 16
+    hand = 2 * n * d * (d + 2 * kv + d) + 4 * n * n * d + 6 * n * d * f
+    assert decoder_layer_flops(cfg) == hand
+    full, half = policy_flops(cfg, 3.0), policy_flops(cfg, 1.5)
+    assert full["backbone"] == 3 * hand and half["backbone"] == 1.5 * hand
+    assert full["total"] - half["total"] == pytest.approx(1.5 * hand)

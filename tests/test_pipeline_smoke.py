@@ -1,0 +1,111 @@
+"""End to end: `actdistill run` on the smoke config with the real components, then its artifacts."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "jobs" / "configs" / "smoke.yaml"
+STAGES = {"collect", "train-teacher", "probe-teacher", "distill", "evaluate", "sweep", "promote"}
+ACTDISTILL = str(Path(sys.executable).parent / "actdistill")
+
+pytestmark = pytest.mark.slow
+
+
+def _run(args, run_dir, timeout):
+    proc = subprocess.run(args + ["--config", str(SMOKE), f"run.run_dir={run_dir}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    stdout = _run([ACTDISTILL, "run"], run_dir, timeout=1500)
+    return run_dir, stdout
+
+
+def test_run_prints_the_summary_table_and_the_mlflow_store(smoke_run):
+    run_dir, stdout = smoke_run
+    assert "| teacher |" in stdout and "| student |" in stdout
+    assert "latency ms" in stdout and "backbone MFLOPs/call" in stdout
+    assert f"sqlite:///{run_dir.resolve()}/mlflow.db" in stdout
+
+
+def test_each_stage_read_what_the_previous_one_wrote(smoke_run):
+    run_dir, _ = smoke_run
+    manifest = json.loads((run_dir / "shards" / "manifest.json").read_text())
+    assert manifest["num_episodes"] == 6 and manifest["action_dim"] == 4 and manifest["tasks"] == ["reach-v3", "push-v3"]
+    teacher = json.loads((run_dir / "teacher" / "config.json").read_text())
+    assert teacher["data_content_hash"] == manifest["content_hash"]
+    labels = json.loads((run_dir / "labelled" / "labels.json").read_text())
+    assert labels["teacher_hash"] == teacher["weights_sha256_16"] and labels["num_rows"] == manifest["num_steps"]
+    student = json.loads((run_dir / "student" / "config.json").read_text())
+    assert student["teacher_hash"] == teacher["weights_sha256_16"] and student["vla"]["router_hidden"]
+    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    t, s = report["policies"]["teacher"], report["policies"]["student"]
+    assert t["episodes"] == s["episodes"] == 4                       # same seeds for both
+    assert t["executed_fraction"] == 1.0 and s["executed_fraction"] < 1.0
+    assert s["flops"]["backbone"] < t["flops"]["backbone"]
+    sweep = json.loads((run_dir / "sweep" / "trials.json").read_text())
+    assert sorted(tr["params"]["router.budget"] for tr in sweep["trials"]) == [0.3, 0.6]
+
+
+def test_every_stage_is_an_mlflow_run_with_its_config(smoke_run):
+    run_dir, _ = smoke_run
+    client = MlflowClient(f"sqlite:///{run_dir.resolve()}/mlflow.db")
+    experiment = client.get_experiment_by_name("actdistill")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    by_stage = {r.data.tags.get("stage"): r for r in runs}
+    assert STAGES | {"pipeline", "sweep-trial"} <= set(by_stage)
+    parent = by_stage["pipeline"].info.run_id
+    for stage in STAGES:
+        run = by_stage[stage]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent
+        assert run.data.params["router.budget"] == "0.5"
+        assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert by_stage["train-teacher"].data.metrics["final_action_mse"] > 0
+    assert "train/action_mse" in by_stage["train-teacher"].data.metrics   # rank-0 step metrics
+    assert "student/backbone_flops_ratio" in by_stage["evaluate"].data.metrics
+    trials = [r for r in runs if r.data.tags.get("stage") == "sweep-trial"]
+    assert len(trials) == 2 and all(r.data.tags["mlflow.parentRunId"] == by_stage["sweep"].info.run_id
+                                    for r in trials)
+
+
+def test_promote_registered_an_aliased_version_and_a_second_promote_changes_nothing(smoke_run):
+    run_dir, _ = smoke_run
+    uri = f"sqlite:///{run_dir.resolve()}/mlflow.db"
+    client = MlflowClient(uri, registry_uri=uri)
+    champion = client.get_model_version_by_alias("actdistill-smoke-student", "champion")
+    assert champion.tags["student_hash"] and champion.tags["teacher_hash"] and champion.tags["data_content_hash"]
+    before = [(v.version, dict(v.tags)) for v in client.search_model_versions("name='actdistill-smoke-student'")]
+    _run([sys.executable, "-m", "jobs.promote"], run_dir, timeout=300)
+    after = [(v.version, dict(v.tags)) for v in client.search_model_versions("name='actdistill-smoke-student'")]
+    assert after == before
+    assert client.get_model_version_by_alias("actdistill-smoke-student", "champion").version == champion.version
+
+
+def test_the_registered_pyfunc_predicts_actions(smoke_run):
+    run_dir, _ = smoke_run
+    uri = f"sqlite:///{run_dir.resolve()}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/actdistill-smoke-student@champion")
+    import pandas as pd
+    frame = pd.DataFrame({"image": [[0] * (64 * 64 * 3)], "instruction": ["reach to the goal position"],
+                          "proprio": [[0.0, 0.6, 0.2, 1.0]]})
+    actions = model.predict(frame)["action"].tolist()
+    assert len(actions) == 1 and len(actions[0]) == 4
+
+
+def test_a_job_runs_alone_as_a_module_on_the_run_folder(smoke_run):
+    run_dir, _ = smoke_run
+    stdout = _run([sys.executable, "-m", "jobs.evaluate"], run_dir, timeout=600)
+    assert "| student |" in stdout

@@ -20,8 +20,9 @@ class Router(nn.Module):
         self.norm = nn.LayerNorm(hidden)
         self.out = nn.Linear(4 * hidden, num_layers)
         # Start with gates ~0.88 (sigmoid(2)): the student begins as its teacher and the budget
-        # term then closes layers, instead of starting from a random half-network.
-        nn.init.zeros_(self.out.weight)
+        # term then closes layers, instead of starting from a random half-network. Small random
+        # weights (not zeros) let gates differ per input from the first step.
+        nn.init.normal_(self.out.weight, std=0.02)
         nn.init.constant_(self.out.bias, init_open)
 
     def forward(self, vision: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:

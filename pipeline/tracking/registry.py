@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking.pyfunc import POLICY_ARTIFACT, StudentPolicyModel
+from pipeline.tracking.pyfunc import POLICY_ARTIFACT
 
 log = logging.getLogger(__name__)
 
 CHALLENGER, CHAMPION = "challenger", "champion"
+PYFUNC_ENTRY = Path(__file__).with_name("pyfunc_entry.py")
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,8 @@ def find_version(client: MlflowClient, name: str, student_hash: str) -> Any | No
 
 def register_student(name: str, candidate: dict[str, Any], evidence: dict[str, str]) -> Any:
     """Log the student as a pyfunc in the active run, register it, and tag the version with its evidence."""
-    info = mlflow.pyfunc.log_model(name="student", python_model=StudentPolicyModel(),
+    # Models-from-code: MLflow stores the entry file, not a cloudpickled object.
+    info = mlflow.pyfunc.log_model(name="student", python_model=str(PYFUNC_ENTRY),
                                    artifacts={POLICY_ARTIFACT: candidate["student_uri"]},
                                    pip_requirements=["actdistill"])
     version = mlflow.register_model(info.model_uri, name)

@@ -16,7 +16,7 @@ from pipeline.distill.loop import TeacherJob, Tracking, teacher_fn_per_worker
 from pipeline.distill.trainer import fit, publish_policy
 from pipeline.models.checkpoint import policy_hash
 from pipeline.models.vla import teacher_config
-from pipeline.ray_runtime import start_ray
+from pipeline.ray_runtime import is_local, start_ray
 from pipeline.tracking.runs import stage_run
 
 
@@ -42,7 +42,7 @@ def main(cfg: PipelineConfig) -> TeacherResult:
                          image_shape=tuple(manifest.image_shape), meta=meta,
                          tracking=Tracking(cfg.tracking_uri, run.info.run_id), seed=cfg.run.seed)
         metrics, checkpoint = fit(teacher_fn_per_worker, job, data, cfg.teacher,
-                                  name=f"{cfg.run.name}-teacher", storage_path=cfg.stage_dir("ray"))
+                                  name=f"{cfg.run.name}-teacher", storage_path=cfg.stage_dir("ray"), local=is_local(cfg))
         publish_policy(checkpoint, uri)
         digest = policy_hash(uri)
         mlflow.log_metrics({"final_action_mse": metrics["final_action_mse"],

@@ -16,13 +16,18 @@ log = logging.getLogger(__name__)
 WORKER_ENV = {"DS_ACCELERATOR": "cpu", "MUJOCO_GL": "egl", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def is_local(cfg: PipelineConfig) -> bool:
+    """True when this process runs its own Ray instance (no cluster address anywhere)."""
+    return not (cfg.run.ray_address or os.environ.get("RAY_ADDRESS"))
+
+
 def start_ray(cfg: PipelineConfig) -> None:
     """Idempotent: jobs run one after another in `actdistill run` share one Ray session."""
     if ray.is_initialized():
         return
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": WORKER_ENV}
-    if address:
+    if not is_local(cfg):
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:

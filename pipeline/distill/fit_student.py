@@ -12,6 +12,7 @@ from pipeline.data.shards import split_episodes
 from pipeline.distill.loop import StudentJob, Tracking, student_fn_per_worker
 from pipeline.distill.losses import LossWeights
 from pipeline.distill.trainer import fit, publish_policy
+from pipeline.ray_runtime import is_local
 from pipeline.models.checkpoint import policy_hash, read_policy_config
 
 
@@ -29,7 +30,7 @@ def loss_weights(cfg: PipelineConfig) -> LossWeights:
 
 
 def fit_student(cfg: PipelineConfig, tracking: Tracking, student_uri: str, name: str,
-                storage_path: Path) -> DistillResult:
+                storage_path: Path, reserved: float = 0.0) -> DistillResult:
     """Labels made by another teacher are refused before any worker starts."""
     teacher_uri = str(cfg.stage_dir("teacher"))
     teacher_hash = policy_hash(teacher_uri)
@@ -47,7 +48,7 @@ def fit_student(cfg: PipelineConfig, tracking: Tracking, student_uri: str, name:
                            "instructions": manifest.instructions},
                      tracking=tracking, seed=cfg.run.seed)
     metrics, checkpoint = fit(student_fn_per_worker, job, data, cfg.distill.train, name=name,
-                              storage_path=storage_path)
+                              storage_path=storage_path, local=is_local(cfg), reserved=reserved)
     publish_policy(checkpoint, student_uri)
     return DistillResult(student_uri=student_uri, teacher_hash=teacher_hash,
                          metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})

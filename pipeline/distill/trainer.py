@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.data
 from ray.train import Checkpoint, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -18,9 +19,25 @@ from pipeline.models.checkpoint import CONFIG, WEIGHTS
 log = logging.getLogger(__name__)
 
 
+def check_room_for_data(train: TrainSection, also_reserved: float = 0.0) -> None:
+    """Ray Data's read tasks need 1 free CPU beside the workers; on a local Ray (which cannot grow)
+    the fit would hang forever, so fail now. Autoscaling clusters are not checked."""
+    total = ray.cluster_resources().get("CPU", 0.0)
+    free = total - train.num_workers * train.cpus_per_worker - also_reserved
+    if free < 1.0:
+        raise RuntimeError(
+            f"the Ray cluster has {total:g} CPUs; {train.num_workers} workers x {train.cpus_per_worker:g} CPU"
+            f"{f' + {also_reserved:g} for the Tune trial' if also_reserved else ''} leave {free:.2f} for Ray Data, "
+            f"which needs 1 or the run hangs. Set run.ray_num_cpus={int(total + 2)} (logical CPUs) or lower "
+            f"cpus_per_worker")
+
+
 def fit(train_fn: Callable[[dict[str, Any]], None], job: Any, dataset: ray.data.Dataset,
-        train: TrainSection, name: str, storage_path: Path) -> tuple[dict[str, Any], Checkpoint]:
+        train: TrainSection, name: str, storage_path: Path, local: bool, reserved: float = 0.0
+        ) -> tuple[dict[str, Any], Checkpoint]:
     """Run `train_fn` on `train.num_workers` gloo workers; returns rank 0's metrics and its checkpoint."""
+    if local:
+        check_room_for_data(train, also_reserved=reserved)
     trainer = TorchTrainer(
         train_fn,
         train_loop_config={"job": job},

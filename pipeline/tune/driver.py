@@ -29,7 +29,8 @@ def trial_fn_per_trial(params: dict[str, Any], base: dict[str, Any], parent_run_
     with mlflow.start_run(run_name=trial, tags=tags) as run:
         mlflow.log_params({k: v for k, v in params.items()})
         result = fit_student(cfg, Tracking(cfg.tracking_uri, run.info.run_id), str(folder / "student"),
-                             name=f"{cfg.run.name}-{trial}", storage_path=folder / "ray")
+                             name=f"{cfg.run.name}-{trial}", storage_path=folder / "ray",
+                             reserved=TRIAL_RESOURCES["CPU"])
         report = evaluate_policies(cfg, {"student": result.student_uri}, cfg.sweep.eval_episodes_per_task)
         block = report["policies"]["student"]
         metrics = {"success": block["success"], "compute_ratio": block["executed_fraction"],

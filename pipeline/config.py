@@ -106,8 +106,10 @@ class ProbeSection(_Section):
 class RouterSection(_Section):
     budget: float = Field(0.5, gt=0.0, le=1.0, description="the fraction of layers to run, e.g. 0.5")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="inference gate threshold in (0, 1)")
-    gate: Literal["soft", "straight_through"] = Field(
-        "straight_through", description="training gate: soft or straight_through")
+    gate: Literal["soft", "straight_through", "annealed"] = Field(
+        "straight_through", description="training gate: soft, straight_through or annealed")
+    anneal_to: float = Field(0.05, gt=0.0, le=1.0,
+                             description="final gate temperature when gate=annealed (1 -> this), e.g. 0.05")
     hidden: int = Field(32, ge=4, description="router feature width, e.g. 32")
 
 

@@ -26,7 +26,7 @@ def test_missing_labels_name_the_file_and_the_fix(tmp_path):
 
 def _job(teacher_hash):
     return StudentJob(teacher_uri="t", teacher_hash=teacher_hash, probes_uri="p", router_hidden=8, threshold=0.5,
-                      gate="straight_through", weights=LossWeights(), train=TrainSection(), image_shape=(8, 8, 3),
+                      gate="straight_through", anneal_to=0.05, weights=LossWeights(), train=TrainSection(), image_shape=(8, 8, 3),
                       meta={}, tracking=Tracking("sqlite://", "r"), seed=0)
 
 

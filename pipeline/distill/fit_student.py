@@ -41,6 +41,7 @@ def fit_student(cfg: PipelineConfig, tracking: Tracking, student_uri: str, name:
     data = open_labelled(cfg.labelled_uri, episodes=train_ids).random_shuffle(seed=cfg.run.seed)
     job = StudentJob(teacher_uri=teacher_uri, teacher_hash=teacher_hash, probes_uri=str(cfg.stage_dir("probes")),
                      router_hidden=cfg.router.hidden, threshold=cfg.router.threshold, gate=cfg.router.gate,
+                     anneal_to=cfg.router.anneal_to,
                      weights=loss_weights(cfg), train=cfg.distill.train, image_shape=tuple(manifest.image_shape),
                      meta={"role": "student", "teacher_hash": teacher_hash, "router_budget": cfg.router.budget,
                            "threshold": cfg.router.threshold, "data_content_hash": manifest.content_hash,

@@ -19,6 +19,7 @@ from pipeline.data.batches import Normalizer, to_model_batch
 from pipeline.distill.engine import close_engine, full_state_dict, make_engine
 from pipeline.distill.losses import LossWeights, distill_loss
 from pipeline.models.checkpoint import load_policy, load_probes, save_state
+from pipeline.models.router import TrainGate, anneal_temperature, budget_gates, forward_mode
 from pipeline.models.student import DistillModule, derive_student
 from pipeline.models.vla import VLA, VLAConfig
 
@@ -49,7 +50,8 @@ class StudentJob:
     probes_uri: str
     router_hidden: int
     threshold: float
-    gate: str
+    gate: TrainGate
+    anneal_to: float
     weights: LossWeights
     train: TrainSection
     image_shape: tuple[int, int, int]
@@ -146,18 +148,14 @@ class _StudentObjective(nn.Module):
         self.distill, self.job = distill, job
 
     def forward(self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor,
-                actions: torch.Tensor, sem_t: torch.Tensor, act_t: torch.Tensor
+                actions: torch.Tensor, sem_t: torch.Tensor, act_t: torch.Tensor, temperature: float
                 ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
-        pred, sem_s, act_s, gates = self.distill(images, instructions, proprio, self.job.gate,
-                                                 self.job.threshold)
-        hard = (gates >= self.job.threshold).to(gates.dtype)
-        if self.job.gate == "straight_through":
-            # The budget then sees the executed fraction (forward) with the soft gates' gradient
-            # (backward); on soft gates alone, mean g = rho while 80% of layers still run.
-            gates = hard + gates - gates.detach()
+        job = self.job
+        pred, sem_s, act_s, gates = self.distill(images, instructions, proprio, forward_mode(job.gate),
+                                                 job.threshold, temperature)
         loss, parts = distill_loss(pred.float(), actions, sem_s.float(), act_s.float(), sem_t, act_t,
-                                   gates.float(), self.job.weights)
-        return loss, parts, hard.mean()
+                                   budget_gates(gates, job.gate, job.threshold).float(), job.weights)
+        return loss, parts, (gates >= job.threshold).float().mean()
 
 
 def _teacher_targets(batch: dict[str, np.ndarray], job: StudentJob, layers: int
@@ -188,8 +186,10 @@ def student_fn_per_worker(loop_config: dict[str, Any]) -> None:
     for micro, batch in enumerate(_micro_batches(job.train.batch_size, job.train.steps * accum)):
         b = to_model_batch(batch, normalizer, job.image_shape)
         sem_t, act_t = _teacher_targets(batch, job, layers)
+        temperature = anneal_temperature(micro // accum, job.train.steps, job.anneal_to) \
+            if job.gate == "annealed" else 1.0
         loss, parts, executed = engine(b["images"].to(dtype), b["instructions"], b["proprio"].to(dtype),
-                                       b["actions"], sem_t, act_t)
+                                       b["actions"], sem_t, act_t, temperature)
         engine.backward(loss)
         engine.step()
         history.append({**parts, "executed_fraction": float(executed)})

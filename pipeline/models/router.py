@@ -9,6 +9,29 @@ import torch
 from torch import nn
 
 GateMode = Literal["off", "soft", "straight_through", "hard"]
+TrainGate = Literal["soft", "straight_through", "annealed"]
+
+
+def anneal_temperature(step: int, total: int, end: float) -> float:
+    """Geometric schedule from 1 to `end`: late in training sigmoid(logit / T) is nearly 0/1."""
+    return float(end ** (step / max(1, total - 1)))
+
+
+def forward_mode(gate: TrainGate) -> GateMode:
+    """How the wrappers apply a training gate: annealed gates are soft gates at a falling temperature."""
+    return "soft" if gate == "annealed" else gate
+
+
+def budget_gates(gates: torch.Tensor, gate: TrainGate, threshold: float) -> torch.Tensor:
+    """The gate values the budget term sees.
+
+    Straight-through: the executed 0/1 pattern forward, the soft gates' gradient backward; on soft
+    gates alone mean g reaches rho while ~80% of layers still run. Soft/annealed: the gates.
+    """
+    if gate != "straight_through":
+        return gates
+    hard = (gates >= threshold).to(gates.dtype)
+    return hard + gates - gates.detach()
 
 
 class Router(nn.Module):
@@ -25,14 +48,16 @@ class Router(nn.Module):
         nn.init.normal_(self.out.weight, std=0.02)
         nn.init.constant_(self.out.bias, init_open)
 
-    def forward(self, vision: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, vision: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                temperature: float = 1.0) -> torch.Tensor:
+        """Gates in (0, 1); a temperature below 1 sharpens them towards 0/1 (annealed training)."""
         v = self.norm(self.proj(vision))
         t = self.norm(self.proj(text))
         m = text_mask.unsqueeze(-1).to(t.dtype)
         t_mean = (t * m).sum(1) / m.sum(1).clamp_min(1.0)
         t_max = t.masked_fill(m == 0, torch.finfo(t.dtype).min).amax(1)
         feats = torch.cat([v.mean(1), v.amax(1), t_mean, t_max], dim=-1)
-        return torch.sigmoid(self.out(feats))
+        return torch.sigmoid(self.out(feats) / temperature)
 
 
 @dataclass

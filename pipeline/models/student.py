@@ -28,7 +28,9 @@ class DistillModule(nn.Module):
         self.probes = probes
 
     def forward(self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor,
-                mode: str, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = self.student(images, instructions, proprio, mode=mode, threshold=threshold, record=True)
+                mode: str, threshold: float, temperature: float = 1.0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.student(images, instructions, proprio, mode=mode, threshold=threshold, record=True,
+                           temperature=temperature)
         sem, act = self.probes(out.hidden, out.token_mask)
         return out.actions, sem, act, out.gates

@@ -104,11 +104,12 @@ class VLA(nn.Module):
         return tokens, mask, vision, text, text_mask
 
     def forward(self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor,
-                mode: GateMode = "off", threshold: float = 0.5, record: bool = False) -> VLAOutput:
+                mode: GateMode = "off", threshold: float = 0.5, record: bool = False,
+                temperature: float = 1.0) -> VLAOutput:
         """mode: off (teacher / router forced open), soft, straight_through (training), hard (inference)."""
         tokens, mask, vision, text, text_mask = self.embed(images, instructions, proprio)
         batch, layers = images.shape[0], self.cfg.num_layers
-        gates = self.router(vision, text, text_mask) if (self.router is not None and mode != "off") else None
+        gates = self.router(vision, text, text_mask, temperature) if (self.router is not None and mode != "off") else None
         executed = torch.ones(batch, layers, device=images.device)
         state = self.gate_state
         state.mode, state.gates, state.threshold = (mode if gates is not None else "off"), gates, threshold

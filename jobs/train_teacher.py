@@ -40,7 +40,8 @@ def main(cfg: PipelineConfig) -> TeacherResult:
                 "config_digest": cfg.digest()}
         job = TeacherJob(vla=vla, train=cfg.teacher, normalizer=meta["normalizer"],
                          image_shape=tuple(manifest.image_shape), meta=meta,
-                         tracking=Tracking(cfg.tracking_uri, run.info.run_id), seed=cfg.run.seed)
+                         tracking=Tracking(cfg.tracking_uri, run.info.run_id), seed=cfg.run.seed,
+                         pretrained_backbone=cfg.model.pretrained_backbone)
         metrics, checkpoint = fit(teacher_fn_per_worker, job, data, cfg.teacher,
                                   name=f"{cfg.run.name}-teacher", storage_path=cfg.stage_dir("ray"), local=is_local(cfg))
         publish_policy(checkpoint, uri)

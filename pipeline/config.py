@@ -65,6 +65,9 @@ class DataSection(_Section):
 
 
 class ModelSection(_Section):
+    pretrained_backbone: str | None = Field(
+        None, description="a Hugging Face decoder folder (local or s3://, config.json + safetensors) whose "
+                          "weights and sizes the teacher starts from; null to train from scratch")
     backbone: Literal["llama", "qwen2", "mistral"] = Field(
         "llama", description="decoder family: llama, qwen2 or mistral")
     hidden_size: int = Field(64, ge=8, description="decoder width, divisible by num_heads")

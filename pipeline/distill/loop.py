@@ -19,6 +19,7 @@ from pipeline.data.batches import Normalizer, to_model_batch
 from pipeline.distill.engine import close_engine, full_state_dict, make_engine
 from pipeline.distill.losses import LossWeights, distill_loss
 from pipeline.models.checkpoint import load_policy, load_probes, save_state
+from pipeline.models.hf_import import load_hf_backbone
 from pipeline.models.router import TrainGate, anneal_temperature, budget_gates, forward_mode
 from pipeline.models.student import DistillModule, derive_student
 from pipeline.models.vla import VLA, VLAConfig
@@ -41,6 +42,7 @@ class TeacherJob:
     meta: dict[str, Any]
     tracking: Tracking
     seed: int
+    pretrained_backbone: str | None = None
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,10 @@ def teacher_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """Behaviour cloning of the teacher VLA on expert actions (normalised MSE)."""
     job: TeacherJob = loop_config["job"]
     torch.manual_seed(job.seed)  # identical initial weights on every rank
-    engine, _ = make_engine(_TeacherObjective(VLA(job.vla)), job.train)
+    vla = VLA(job.vla)
+    if job.pretrained_backbone:
+        load_hf_backbone(vla, job.pretrained_backbone)
+    engine, _ = make_engine(_TeacherObjective(vla), job.train)
     normalizer = Normalizer.from_dict(job.normalizer)
     log = _MetricLog(job.tracking, ray.train.get_context().get_world_rank() == 0)
     dtype, accum, losses = _float_dtype(job.train), job.train.grad_accum, []

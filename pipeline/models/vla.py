@@ -137,8 +137,13 @@ def teacher_config(model: ModelSection, image_shape: list[int], proprio_dim: int
     if image_shape[0] % model.patch_size:
         raise ValueError(f"model.patch_size={model.patch_size} does not divide the shards' image size "
                          f"{image_shape[0]}; choose a divisor such as 8 or 16")
-    return VLAConfig(backbone=model.backbone, hidden_size=model.hidden_size, num_layers=model.num_layers,
-                     num_heads=model.num_heads, num_kv_heads=model.num_kv_heads,
-                     intermediate_size=model.intermediate_size, vocab_size=model.vocab_size,
-                     max_instruction_tokens=model.max_instruction_tokens, image_size=image_shape[0],
+    dims = dict(backbone=model.backbone, hidden_size=model.hidden_size, num_layers=model.num_layers,
+                num_heads=model.num_heads, num_kv_heads=model.num_kv_heads,
+                intermediate_size=model.intermediate_size, vocab_size=model.vocab_size)
+    if model.pretrained_backbone:
+        from pipeline.models.hf_import import backbone_dims, read_hf_config
+
+        # A pretrained decoder fixes its own sizes; the model section's widths do not apply.
+        dims = backbone_dims(read_hf_config(model.pretrained_backbone))
+    return VLAConfig(**dims, max_instruction_tokens=model.max_instruction_tokens, image_size=image_shape[0],
                      patch_size=model.patch_size, proprio_dim=proprio_dim, action_dim=action_dim)

@@ -23,6 +23,9 @@ VERBS: dict[str, str] = {
     "run": "run",
 }
 
+# Commands that are not Ray jobs: name -> module with `main(argv: list[str]) -> int`.
+TOOLS: dict[str, str] = {}
+
 
 def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="ActDistill pipeline job")
@@ -60,9 +63,13 @@ def run_cli(job_main: Callable[[PipelineConfig], Any], verb: str, argv: list[str
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `actdistill` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOLS:
+        _setup_logging()
+        return int(importlib.import_module(TOOLS[argv[0]]).main(argv[1:]))
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
         bad = f"unknown command {argv[0]!r}; " if argv and argv[0] not in ("-h", "--help") else ""
-        print(f"{bad}usage: actdistill {{{','.join(VERBS)}}} --config FILE [key=value ...]", file=sys.stderr)
+        print(f"{bad}usage: actdistill {{{','.join(VERBS)}}} --config FILE [key=value ...]\n"
+              f"       actdistill {{{','.join(TOOLS) or '-'}}} ...", file=sys.stderr)
         return 2 if bad or not argv else 0
     verb = argv[0]
     job = importlib.import_module(f"jobs.{VERBS[verb]}")

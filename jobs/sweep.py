@@ -34,16 +34,19 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     with stage_run(cfg, "sweep") as run:
         mlflow.log_artifact(cfg.sweep.space)
-        trials = run_trials(cfg, space, run.info.run_id)
+        trials, stopped = run_trials(cfg, space, run.info.run_id)
+        if not trials:
+            raise RuntimeError(f"all {stopped} trials were stopped early; lower sweep.reduction_factor or use "
+                               f"sweep.scheduler=fifo")
         front = pareto(trials)
-        summary = {"space": cfg.sweep.space, "trials": trials, "frontier": [t["trial"] for t in front],
+        summary = {"space": cfg.sweep.space, "trials": trials, "stopped_early": stopped, "frontier": [t["trial"] for t in front],
                    "teacher": teacher_reference(cfg)}
         (folder / "trials.json").write_text(json.dumps(summary, indent=2))
         (folder / "frontier.md").write_text(frontier_table(trials, front) + "\n")
         frontier_plot(trials, front, summary["teacher"], folder / "frontier.png")
         for name in ("trials.json", "frontier.md", "frontier.png"):
             mlflow.log_artifact(str(Path(folder, name)))
-        mlflow.log_metrics({"trials": len(trials), "frontier_size": len(front)})
+        mlflow.log_metrics({"trials": len(trials), "stopped_early": stopped, "frontier_size": len(front)})
     print(frontier_table(trials, front))
     return summary
 

@@ -42,7 +42,7 @@ def main(cfg: PipelineConfig) -> TeacherResult:
                          image_shape=tuple(manifest.image_shape), meta=meta,
                          tracking=Tracking(cfg.tracking_uri, run.info.run_id), seed=cfg.run.seed,
                          pretrained_backbone=cfg.model.pretrained_backbone)
-        metrics, checkpoint = fit(teacher_fn_per_worker, job, data, cfg.teacher,
+        metrics, checkpoint = fit(teacher_fn_per_worker, job, {"train": data}, cfg.teacher,
                                   name=f"{cfg.run.name}-teacher", storage_path=cfg.stage_dir("ray"), local=is_local(cfg))
         publish_policy(checkpoint, uri)
         digest = policy_hash(uri)

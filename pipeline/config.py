@@ -123,6 +123,8 @@ class DistillSection(_Section):
     gamma: float = Field(2.0, ge=0, description="layer-weight exponent (2 in the paper), >= 0")
     budget_weight: float = Field(1.0, ge=0, description="weight of (mean gate - budget)^2, >= 0")
     balance_weight: float = Field(0.0, ge=0, description="weight of the per-layer balance term, >= 0")
+    eval_every: int = Field(20, ge=0, description="optimizer steps between held-out action-error reports "
+                                                  "(what ASHA reads); 0 for none")
     train: TrainSection = TrainSection()
 
 
@@ -135,6 +137,10 @@ class EvaluateSection(_Section):
 
 class SweepSection(_Section):
     space: str = Field("tune_spaces/smoke.yaml", description="a YAML search space under tune_spaces/")
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha (stop weak trials early on held-out "
+                                                                   "action error) or fifo")
+    grace_period: int = Field(1, ge=1, description="validation reports before ASHA may stop a trial")
+    reduction_factor: int = Field(2, ge=2, description="ASHA keeps 1/reduction_factor of trials per rung")
     num_samples: int = Field(1, ge=1, description="samples per grid point, e.g. 1")
     max_concurrent_trials: int = Field(1, ge=1, description="trials at once (1 on 2 cores)")
     eval_episodes_per_task: int = Field(1, ge=1, description="closed-loop episodes per task per trial")

@@ -54,7 +54,11 @@ def test_each_stage_read_what_the_previous_one_wrote(smoke_run):
     assert t["executed_fraction"] == 1.0 and s["executed_fraction"] < 1.0
     assert s["flops"]["backbone"] < t["flops"]["backbone"]
     sweep = json.loads((run_dir / "sweep" / "trials.json").read_text())
-    assert sorted(tr["params"]["router.budget"] for tr in sweep["trials"]) == [0.3, 0.6]
+    # ASHA may stop the second trial on held-out action error; every trial is accounted for.
+    assert len(sweep["trials"]) + sweep["stopped_early"] == 2 and sweep["trials"]
+    assert {tr["params"]["router.budget"] for tr in sweep["trials"]} <= {0.3, 0.6}
+    for tr in sweep["trials"]:
+        assert abs(tr["compute_ratio"] - tr["params"]["router.budget"]) < 0.2   # the router met its budget
 
 
 def test_every_stage_is_an_mlflow_run_with_its_config(smoke_run):
@@ -77,6 +81,10 @@ def test_every_stage_is_an_mlflow_run_with_its_config(smoke_run):
     trials = [r for r in runs if r.data.tags.get("stage") == "sweep-trial"]
     assert len(trials) == 2 and all(r.data.tags["mlflow.parentRunId"] == by_stage["sweep"].info.run_id
                                     for r in trials)
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in trials)
+    assert any("val/action_mse" in r.data.metrics for r in trials)             # what ASHA ranked
+    sweep_artifacts = {a.path for a in client.list_artifacts(by_stage["sweep"].info.run_id)}
+    assert {"frontier.png", "frontier.md", "trials.json"} <= sweep_artifacts
 
 
 def test_promote_registered_an_aliased_version_and_a_second_promote_changes_nothing(smoke_run):

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import ray.train
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 from torch import nn
@@ -60,6 +61,7 @@ class StudentJob:
     meta: dict[str, Any]
     tracking: Tracking
     seed: int
+    eval_every: int = 0          # optimizer steps between validation reports (0: none)
 
 
 class _MetricLog:
@@ -176,6 +178,24 @@ def _teacher_targets(batch: dict[str, np.ndarray], job: StudentJob, layers: int
     return sem.transpose(0, 1), act.transpose(0, 1)
 
 
+@torch.no_grad()
+def _val_action_mse(student: VLA, normalizer: Normalizer, job: StudentJob, dtype: torch.dtype) -> float:
+    """Held-out action MSE of the student as deployed (hard gates), all-reduced over the workers."""
+    student.eval()
+    totals = torch.zeros(2, dtype=torch.float64)
+    for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=job.train.batch_size,
+                                                                  batch_format="numpy"):
+        b = to_model_batch(batch, normalizer, job.image_shape)
+        out = student(b["images"].to(dtype), b["instructions"], b["proprio"].to(dtype), mode="hard",
+                      threshold=job.threshold)
+        totals[0] += float(((out.actions.float() - b["actions"]) ** 2).sum())
+        totals[1] += b["actions"].numel()
+    student.train()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+
+
 def student_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """Stage 2: the routed student (teacher weights + router + stage-1 probes) under the ActDistill loss."""
     job: StudentJob = loop_config["job"]
@@ -202,6 +222,11 @@ def student_fn_per_worker(loop_config: dict[str, Any]) -> None:
         if (micro + 1) % accum == 0 and step % job.train.log_every == 0:
             recent = history[-job.train.log_every * accum:]
             log.log({f"train/{k}": float(np.mean([h[k] for h in recent])) for k in recent[0]}, step)
+        if job.eval_every and (micro + 1) % accum == 0 and step % job.eval_every == 0:
+            # Every rank reports (a barrier); Tune's ASHA reads rank 0's val_action_mse.
+            val = _val_action_mse(engine.module.distill.student, normalizer, job, dtype)
+            log.log({"val/action_mse": val}, step)
+            ray.train.report({"val_action_mse": val, "step": step})
     tail = history[-max(1, len(history) // 5):]
     metrics = {f"final_{k}": float(np.mean([h[k] for h in tail])) for k in tail[0]}
     metrics["optimizer_steps"] = job.train.steps

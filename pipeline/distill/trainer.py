@@ -32,9 +32,9 @@ def check_room_for_data(train: TrainSection, also_reserved: float = 0.0) -> None
             f"cpus_per_worker")
 
 
-def fit(train_fn: Callable[[dict[str, Any]], None], job: Any, dataset: ray.data.Dataset,
-        train: TrainSection, name: str, storage_path: Path, local: bool, reserved: float = 0.0
-        ) -> tuple[dict[str, Any], Checkpoint]:
+def fit(train_fn: Callable[[dict[str, Any]], None], job: Any, datasets: dict[str, ray.data.Dataset],
+        train: TrainSection, name: str, storage_path: Path, local: bool, reserved: float = 0.0,
+        callbacks: list[Any] | None = None) -> tuple[dict[str, Any], Checkpoint]:
     """Run `train_fn` on `train.num_workers` gloo workers; returns rank 0's metrics and its checkpoint."""
     if local:
         check_room_for_data(train, also_reserved=reserved)
@@ -44,8 +44,8 @@ def fit(train_fn: Callable[[dict[str, Any]], None], job: Any, dataset: ray.data.
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=False,
                                      resources_per_worker={"CPU": train.cpus_per_worker}),
         torch_config=TorchConfig(backend="gloo"),
-        datasets={"train": dataset},
-        run_config=RunConfig(name=name, storage_path=str(storage_path.resolve())),
+        datasets=datasets,
+        run_config=RunConfig(name=name, storage_path=str(storage_path.resolve()), callbacks=callbacks or []),
     )
     result = trainer.fit()
     if result.error is not None:

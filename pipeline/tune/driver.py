@@ -7,6 +7,7 @@ from typing import Any
 
 import mlflow
 from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipeline.config import PipelineConfig, with_overrides
 from pipeline.distill.fit_student import fit_student
@@ -28,12 +29,14 @@ def trial_fn_per_trial(params: dict[str, Any], base: dict[str, Any], parent_run_
             "config_digest": cfg.digest()}
     with mlflow.start_run(run_name=trial, tags=tags) as run:
         mlflow.log_params({k: v for k, v in params.items()})
+        # TuneReportCallback forwards the workers' val_action_mse reports to Tune, where ASHA may stop
+        # this trial between them (the fit is then interrupted and the trial has no evaluation).
         result = fit_student(cfg, Tracking(cfg.tracking_uri, run.info.run_id), str(folder / "student"),
                              name=f"{cfg.run.name}-{trial}", storage_path=folder / "ray",
-                             reserved=TRIAL_RESOURCES["CPU"])
+                             reserved=TRIAL_RESOURCES["CPU"], callbacks=[TuneReportCallback()])
         report = evaluate_policies(cfg, {"student": result.student_uri}, cfg.sweep.eval_episodes_per_task)
         block = report["policies"]["student"]
-        metrics = {"success": block["success"], "compute_ratio": block["executed_fraction"],
+        metrics = {"success": block["success"], "val_action_mse": block["action_mse_norm"], "compute_ratio": block["executed_fraction"],
                    "action_mse_norm": block["action_mse_norm"], "latency_ms_median": block["latency_ms_median"],
                    "flops_total": block["flops"]["total"], **{f"train_{k}": v for k, v in result.metrics.items()}}
         mlflow.log_metrics(metrics)
@@ -41,14 +44,25 @@ def trial_fn_per_trial(params: dict[str, Any], base: dict[str, Any], parent_run_
         tune.report({**metrics, "trial": trial, "student_uri": result.student_uri, "mlflow_run_id": run.info.run_id})
 
 
-def run_trials(cfg: PipelineConfig, space: dict[str, Any], parent_run_id: str) -> list[dict[str, Any]]:
-    """Run the sweep; a failed trial is an error naming it (its logs are in the Ray output above)."""
+def scheduler(cfg: PipelineConfig) -> Any:
+    """ASHA on held-out action error (reported every distill.eval_every steps), or first-in first-out."""
+    if cfg.sweep.scheduler == "fifo" or not cfg.distill.eval_every:
+        return tune.schedulers.FIFOScheduler()
+    rungs = max(1, cfg.distill.train.steps // cfg.distill.eval_every) + 1   # + the final evaluated report
+    return tune.schedulers.ASHAScheduler(metric="val_action_mse", mode="min", time_attr="training_iteration",
+                                         max_t=rungs, grace_period=min(cfg.sweep.grace_period, rungs),
+                                         reduction_factor=cfg.sweep.reduction_factor)
+
+
+def run_trials(cfg: PipelineConfig, space: dict[str, Any], parent_run_id: str
+               ) -> tuple[list[dict[str, Any]], int]:
+    """Run the sweep: (evaluated trials, number stopped early by ASHA). A failed trial is an error."""
     trainable = tune.with_resources(
         tune.with_parameters(trial_fn_per_trial, base=cfg.model_dump(mode="json"), parent_run_id=parent_run_id),
         TRIAL_RESOURCES)
     tuner = tune.Tuner(
         trainable, param_space=space,
-        tune_config=tune.TuneConfig(num_samples=cfg.sweep.num_samples,
+        tune_config=tune.TuneConfig(num_samples=cfg.sweep.num_samples, scheduler=scheduler(cfg),
                                     max_concurrent_trials=cfg.sweep.max_concurrent_trials),
         run_config=tune.RunConfig(name=f"{cfg.run.name}-sweep", storage_path=str(cfg.stage_dir("ray").resolve())),
     )
@@ -56,12 +70,25 @@ def run_trials(cfg: PipelineConfig, space: dict[str, Any], parent_run_id: str) -
     failed = [r for r in grid if r.error is not None]
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(grid)} sweep trials failed; first error: {failed[0].error}")
-    trials = []
+    _close_stopped_runs(parent_run_id)
+    trials, stopped = [], 0
     for r in grid:
-        m = r.metrics
+        m = r.metrics or {}
+        if "success" not in m:
+            stopped += 1
+            continue
         params = {k: r.config[k] for k in space}
         trials.append({"trial": m["trial"], "params": params, "student_uri": m["student_uri"],
                        "mlflow_run_id": m["mlflow_run_id"], "success": m["success"],
                        "compute_ratio": m["compute_ratio"], "action_mse_norm": m["action_mse_norm"],
                        "latency_ms_median": m["latency_ms_median"]})
-    return trials
+    return trials, stopped
+
+
+def _close_stopped_runs(parent_run_id: str) -> None:
+    """Trials ASHA stopped were killed inside their MLflow run; mark those runs KILLED, not RUNNING."""
+    client = mlflow.MlflowClient()
+    for run in client.search_runs([client.get_run(parent_run_id).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' "
+                                                f"and attributes.status = 'RUNNING'"):
+        client.set_terminated(run.info.run_id, status="KILLED")

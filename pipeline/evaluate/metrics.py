@@ -1,11 +1,9 @@
-"""Offline metrics and statistics: Wilson intervals, held-out action error, batch-1 latency."""
+"""Offline metrics and statistics: Wilson intervals and held-out action error."""
 
 from __future__ import annotations
 
 import math
-import time
 
-import numpy as np
 import ray.data
 import torch
 
@@ -44,18 +42,3 @@ def action_error(policy: Policy, data: ray.data.Dataset, image_shape: tuple[int,
     dims = policy.normalizer.action_dim
     return {"action_mse_norm": norm_sq / (rows * dims), "action_mse_raw": raw_sq / (rows * dims),
             "heldout_rows": float(rows)}
-
-
-@torch.no_grad()
-def latency(policy: Policy, image: np.ndarray, instruction: str, proprio: np.ndarray, calls: int
-            ) -> dict[str, float]:
-    """Batch-1 wall time per policy call after 3 warm-up calls: median and p90 in milliseconds."""
-    for _ in range(3):
-        policy.act(image[None], [instruction], proprio[None])
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        policy.act(image[None], [instruction], proprio[None])
-        times.append((time.perf_counter() - start) * 1000.0)
-    policy.executed.clear()
-    return {"latency_ms_median": float(np.median(times)), "latency_ms_p90": float(np.percentile(times, 90))}

@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import load, save
-from torch import nn
 
 from pipeline.data import storage
 from pipeline.models.graph import ProbeSet

@@ -124,10 +124,6 @@ class VLA(nn.Module):
         actions = self.action_head(out.last_hidden_state[:, -1])
         return VLAOutput(actions=actions, gates=gates, executed=executed, hidden=hidden, token_mask=mask)
 
-    def without_router(self) -> "VLA":
-        """Drop the router in place (a teacher view of the same weights)."""
-        self.router = None
-        return self
 
 
 def teacher_config(model: ModelSection, image_shape: list[int], proprio_dim: int, action_dim: int) -> VLAConfig:

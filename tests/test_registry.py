@@ -1,0 +1,174 @@
+"""Promotion against a real `mlflow server` on 127.0.0.1: the gate, aliases, idempotency, serving."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from mlflow.tracking import MlflowClient
+
+from jobs import promote
+from pipeline.config import load_config
+from pipeline.models.checkpoint import save_policy
+from pipeline.models.student import derive_student
+from pipeline.models.vla import VLA, VLAConfig
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+NAME = "registry-test-student"
+NORMALIZER = {"action_mean": [0.0] * 4, "action_std": [1.0] * 4, "proprio_mean": [0.0] * 4,
+              "proprio_std": [1.0] * 4}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, seconds: float = 240) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer in {seconds} s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+                             "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_http(f"{url}/health", proc)
+        yield url
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, mlflow_server):
+    """A run folder holding a real tiny teacher; students and their results are added per round."""
+    run_dir = tmp_path_factory.mktemp("promote") / "run"
+    cfg = load_config(REPO / "jobs" / "configs" / "smoke.yaml",
+                      [f"run.run_dir={run_dir}", f"tracking.tracking_uri={mlflow_server}",
+                       f"promote.model_name={NAME}", "promote.success_delta=0.05", "promote.compute_budget=0.6"])
+    torch.manual_seed(0)
+    teacher = VLA(VLAConfig(backbone="llama", hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
+                            intermediate_size=64, vocab_size=64, max_instruction_tokens=6, image_size=32,
+                            patch_size=8, proprio_dim=4, action_dim=4))
+    teacher_hash = save_policy(teacher, str(cfg.stage_dir("teacher")),
+                               {"normalizer": NORMALIZER, "data_content_hash": "data123"})
+    return cfg, teacher, teacher_hash
+
+
+def _round(cfg, teacher, teacher_hash, results: dict[str, tuple[float, float]]) -> None:
+    """Write students (distinct real weights) and the evaluate/sweep results promote reads."""
+    trials = []
+    for i, (name, (success, compute)) in enumerate(results.items()):
+        torch.manual_seed(zlib.crc32(name.encode()))
+        uri = str(cfg.stage_dir("sweep") / name / "student")
+        save_policy(derive_student(teacher, 8), uri, {"normalizer": NORMALIZER, "teacher_hash": teacher_hash,
+                                                      "data_content_hash": "data123", "config_digest": "cfg1"})
+        trials.append({"trial": name, "params": {"router.budget": compute}, "student_uri": uri, "success": success,
+                       "compute_ratio": compute, "action_mse_norm": 0.1 + i / 100, "latency_ms_median": 1.0})
+    own = trials.pop(0)
+    (cfg.stage_dir("evaluate")).mkdir(parents=True, exist_ok=True)
+    report = {"policies": {"teacher": {"success": 0.8},
+                           "student": {"success": own["success"], "executed_fraction": own["compute_ratio"],
+                                       "action_mse_norm": own["action_mse_norm"]}}}
+    (cfg.stage_dir("evaluate") / "report.json").write_text(json.dumps(report))
+    # The pipeline's own student sits at stage_dir("student"): copy the first one there.
+    own_dir = cfg.stage_dir("student")
+    own_dir.mkdir(parents=True, exist_ok=True)
+    for f in Path(own["student_uri"]).iterdir():
+        (own_dir / f.name).write_bytes(f.read_bytes())
+    (cfg.stage_dir("sweep") / "trials.json").write_text(json.dumps({"trials": trials}))
+
+
+def _aliases(client):
+    out = {}
+    for alias in ("challenger", "champion"):
+        try:
+            out[alias] = client.get_model_version_by_alias(NAME, alias).version
+        except Exception:
+            out[alias] = None
+    return out
+
+
+def test_gate_aliases_and_idempotency(run, mlflow_server):
+    cfg, teacher, teacher_hash = run
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    # Round 1: A passes; B is too expensive; C lost too much success. Only A may be registered.
+    _round(cfg, teacher, teacher_hash, {"A": (0.78, 0.5), "B": (0.95, 0.8), "C": (0.5, 0.3)})
+    first = promote.main(cfg)
+    assert _aliases(client) == {"challenger": "1", "champion": "1"}
+    v1 = client.get_model_version(NAME, "1")
+    assert v1.tags["source"] == "distill" and v1.tags["teacher_hash"] == teacher_hash
+    assert v1.tags["data_content_hash"] == "data123" and v1.tags["config_digest"] == "cfg1"
+    assert float(v1.tags["compute_ratio"]) == 0.5 and float(v1.tags["teacher_success"]) == 0.8
+    # Running it again changes nothing.
+    assert promote.main(cfg) == first
+    assert len(client.search_model_versions(f"name='{NAME}'")) == 1
+    # Round 2: a better passing student becomes challenger and champion.
+    _round(cfg, teacher, teacher_hash, {"D": (0.86, 0.45), "E": (0.2, 0.2)})
+    promote.main(cfg)
+    assert _aliases(client) == {"challenger": "2", "champion": "2"}
+    # Round 3: a passing but worse student is challenger only.
+    _round(cfg, teacher, teacher_hash, {"F": (0.79, 0.55)})
+    promote.main(cfg)
+    assert _aliases(client) == {"challenger": "3", "champion": "2"}
+    # Round 4: nothing passes; nothing is registered and the champion stays.
+    _round(cfg, teacher, teacher_hash, {"G": (0.99, 0.9), "H": (0.1, 0.1)})
+    assert promote.main(cfg) is None
+    assert _aliases(client) == {"challenger": "3", "champion": "2"}
+    versions = client.search_model_versions(f"name='{NAME}'")
+    assert len(versions) == 3
+    assert not any(v.tags["source"] in ("B", "C", "E", "G", "H") for v in versions)   # failing ones, never
+
+
+def test_mlflow_models_serve_answers_a_prediction(run, mlflow_server):
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/ping", proc, seconds=240)
+        payload = {"dataframe_split": {"columns": ["image", "instruction", "proprio"],
+                                       "data": [[[128] * (32 * 32 * 3), "reach to the goal position",
+                                                 [0.0, 0.6, 0.2, 1.0]]]}}
+        reply = requests.post(f"http://127.0.0.1:{port}/invocations", json=payload, timeout=60)
+        assert reply.status_code == 200, reply.text
+        predictions = reply.json()["predictions"]
+        assert len(predictions) == 1 and len(predictions[0]["action"]) == 4
+    finally:
+        _stop(proc)

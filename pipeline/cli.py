@@ -24,7 +24,10 @@ VERBS: dict[str, str] = {
 }
 
 # Commands that are not Ray jobs: name -> module with `main(argv: list[str]) -> int`.
-TOOLS: dict[str, str] = {}
+TOOLS: dict[str, str] = {
+    "stack": "pipeline.infra.stack",
+    "submit": "pipeline.infra.submit",
+}
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:

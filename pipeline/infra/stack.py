@@ -29,7 +29,7 @@ MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "te
                     "AWS_DEFAULT_REGION": "us-east-1"}
 # Ports away from Ray's defaults (6379/8265/10001/52365) so a stack can sit beside another Ray.
 DEFAULT_PORTS = {"ray_port": 6390, "dashboard_port": 8270, "mlflow_port": 5055, "s3_port": 9055}
-START_TIMEOUT_S = 120.0  # MLflow is healthy in ~6 s and a Ray head in ~10 s on an idle 2-core machine
+START_TIMEOUT_S = 300.0  # MLflow is healthy in ~6 s idle, but took 70 s on a 2-core machine at load 28
 STOP_GRACE_S = 10.0      # gcs_server ignores SIGTERM for a while; SIGKILL follows after this
 
 
@@ -128,7 +128,16 @@ def start_ray_head(stack_dir: Path, stack_id: str, port: int, dashboard_port: in
             f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port()}",
             f"--dashboard-agent-listen-port={free_port()}", f"--num-cpus={num_cpus}",
             f"--temp-dir={temp_dir}", "--disable-usage-stats"]
-    proc = _spawn(argv, _python_env(stack_id, "ray", extra_env), log)
+    try:
+        return _start_head(argv, temp_dir, dashboard_port, _python_env(stack_id, "ray", extra_env), log)
+    except BaseException:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+
+
+def _start_head(argv: list[str], temp_dir: str, dashboard_port: int, env: dict[str, str],
+                log: Path) -> dict[str, Any]:
+    proc = _spawn(argv, env, log)
     info = {"pid": proc.pid, "temp_dir": temp_dir, "log": str(log),
             "dashboard_url": f"http://{HOST}:{dashboard_port}"}
     if proc.wait(timeout=START_TIMEOUT_S) != 0:
@@ -225,7 +234,10 @@ def up(stack_dir: Path, ports: dict[str, int], num_cpus: int) -> dict[str, Any]:
     for flag, port in ports.items():
         _require_free(port, "--" + flag.replace("_", "-"))
     stack_id = uuid.uuid4().hex[:12]
-    state: dict[str, Any] = {"stack_id": stack_id, "dir": str(stack_dir), "services": {}}
+    state: dict[str, Any] = {"stack_id": stack_id, "dir": str(stack_dir), "services": {}, "env": {}}
+    # Written before anything starts: `down` can stop a stack whose `up` was killed halfway.
+    stack_dir.mkdir(parents=True, exist_ok=True)
+    state_path(stack_dir).write_text(json.dumps(state, indent=2))
     try:
         s3_proc, state["services"]["s3"] = start_s3(stack_dir, stack_id, ports["s3_port"])
         mlflow_proc, state["services"]["mlflow"] = start_mlflow(stack_dir, stack_id, ports["mlflow_port"])
@@ -240,6 +252,7 @@ def up(stack_dir: Path, ports: dict[str, int], num_cpus: int) -> dict[str, Any]:
     except BaseException:
         stop_processes(stack_id)
         _remove_ray_temp(state)
+        state_path(stack_dir).unlink(missing_ok=True)
         raise
     state["env"] = client_env(state)
     state_path(stack_dir).write_text(json.dumps(state, indent=2))

@@ -62,20 +62,28 @@ def project_relative(config: str) -> str:
 
 
 def resolve_address(flag: str | None, stack_dir: str) -> str:
-    """--address, else RAY_ADDRESS, else the local stack's job API; the stack's auth mode is applied."""
-    if flag:
-        return flag
-    if os.environ.get("RAY_ADDRESS"):
-        return os.environ["RAY_ADDRESS"]
-    try:
-        state = read_state(stack_dir)
-    except StackError:
-        raise SubmitError(f"no cluster address: pass --address http://HEAD:8265, set RAY_ADDRESS, or start a "
-                          f"local stack with `actdistill stack up` (no state in {stack_dir})") from None
-    if state["env"].get("RAY_AUTH_MODE"):
-        # Ray's client reads the mode from the environment, and the token from ~/.ray/auth_token itself.
-        os.environ.setdefault("RAY_AUTH_MODE", state["env"]["RAY_AUTH_MODE"])
-    return str(state["services"]["ray"]["dashboard_url"])
+    """--address, else RAY_API_SERVER_ADDRESS or RAY_ADDRESS, else the local stack's job API."""
+    address = flag or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        try:
+            state = read_state(stack_dir)
+        except StackError:
+            raise SubmitError(f"no cluster address: pass --address http://HEAD:8265, set RAY_ADDRESS, or start "
+                              f"a local stack with `actdistill stack up` (no state in {stack_dir})") from None
+        address = str(state["services"]["ray"]["dashboard_url"])
+        if state["env"].get("RAY_AUTH_MODE") == "token" and "RAY_AUTH_MODE" not in os.environ:
+            use_token_auth()
+    # Ray's client lets these variables override its address argument; make them agree with our choice.
+    os.environ["RAY_API_SERVER_ADDRESS"] = address
+    return address
+
+
+def use_token_auth() -> None:
+    """Send Ray's auth token (Ray reads it from ~/.ray/auth_token or RAY_AUTH_TOKEN) with every request."""
+    from ray._raylet import Config
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")  # Ray caches the mode at import; `ray start` refreshes it the same way
 
 
 def entrypoint(verb: str, config: str, overrides: list[str]) -> str:

@@ -230,6 +230,9 @@ def student_fn_per_worker(loop_config: dict[str, Any]) -> None:
     tail = history[-max(1, len(history) // 5):]
     metrics = {f"final_{k}": float(np.mean([h[k] for h in tail])) for k in tail[0]}
     metrics["optimizer_steps"] = job.train.steps
+    if job.eval_every:
+        # The final report carries the metric too: under Tune every result must have what ASHA ranks.
+        metrics["val_action_mse"] = _val_action_mse(engine.module.distill.student, normalizer, job, dtype)
     prefix = "distill.student."
     state = {k.removeprefix(prefix): v for k, v in full_state_dict(engine).items() if k.startswith(prefix)}
     _finish(engine, state, student.cfg, job.meta, metrics)

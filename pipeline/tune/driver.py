@@ -48,7 +48,8 @@ def scheduler(cfg: PipelineConfig) -> Any:
     """ASHA on held-out action error (reported every distill.eval_every steps), or first-in first-out."""
     if cfg.sweep.scheduler == "fifo" or not cfg.distill.eval_every:
         return tune.schedulers.FIFOScheduler()
-    rungs = max(1, cfg.distill.train.steps // cfg.distill.eval_every) + 1   # + the final evaluated report
+    # periodic validation reports + the fit's final report + the trial's evaluated report
+    rungs = cfg.distill.train.steps // cfg.distill.eval_every + 2
     return tune.schedulers.ASHAScheduler(metric="val_action_mse", mode="min", time_attr="training_iteration",
                                          max_t=rungs, grace_period=min(cfg.sweep.grace_period, rungs),
                                          reduction_factor=cfg.sweep.reduction_factor)

@@ -157,7 +157,8 @@ def test_gate_aliases_and_idempotency(run, mlflow_server):
 
 def test_mlflow_models_serve_answers_a_prediction(run, mlflow_server):
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    # mlflow serve execs `uvicorn` by name: the venv's bin must be on PATH (CI calls .venv/bin/python directly).
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -37,7 +37,9 @@ def paired_latency(policies: dict[str, Policy], sample: dict[str, Any], calls: i
 
 
 def _sample_row(cfg: PipelineConfig, val_ids: set[str], image_shape: list[int]) -> dict[str, Any]:
-    batch = next(iter(open_shards(cfg.shards_uri, episodes=val_ids).iter_batches(batch_size=1, batch_format="numpy")))
+    """One real observation (held out when there is a validation split) for the latency measurement."""
+    rows = open_shards(cfg.shards_uri, episodes=val_ids or None)
+    batch = next(iter(rows.iter_batches(batch_size=1, batch_format="numpy")))
     image = np.asarray(np.stack(batch["image"]) if batch["image"].dtype == object else batch["image"])
     proprio = np.asarray(np.stack(batch["proprio"]) if batch["proprio"].dtype == object else batch["proprio"])
     return {"image": image.reshape(image_shape).astype(np.uint8), "instruction": str(batch["instruction"][0]),

@@ -12,6 +12,7 @@ from pipeline.config import PipelineConfig
 from pipeline.data.batches import Normalizer
 from pipeline.data.manifest import read_manifest
 from pipeline.data.shards import open_shards, split_episodes
+from pipeline.data.validate import validate_shards
 from pipeline.distill.loop import TeacherJob, Tracking, teacher_fn_per_worker
 from pipeline.distill.trainer import fit, publish_policy
 from pipeline.models.checkpoint import policy_hash
@@ -30,8 +31,10 @@ class TeacherResult:
 def main(cfg: PipelineConfig) -> TeacherResult:
     start_ray(cfg)
     manifest = read_manifest(cfg.shards_uri)
+    report = validate_shards(cfg.shards_uri, manifest, cfg.data.on_bad_rows)
     train_ids, _ = split_episodes(manifest, cfg.data.val_fraction)
-    data = open_shards(cfg.shards_uri, manifest, episodes=train_ids).random_shuffle(seed=cfg.run.seed)
+    data = open_shards(cfg.shards_uri, manifest, episodes=train_ids,
+                       skip_rows=report.skip_rows).random_shuffle(seed=cfg.run.seed)
     vla = teacher_config(cfg.model, manifest.image_shape, manifest.proprio_dim, manifest.action_dim)
     uri = str(cfg.stage_dir("teacher"))
     with stage_run(cfg, "train-teacher") as run:

@@ -25,6 +25,7 @@ VERBS: dict[str, str] = {
 
 # Commands that are not Ray jobs: name -> module with `main(argv: list[str]) -> int`.
 TOOLS: dict[str, str] = {
+    "import-lerobot": "pipeline.data.lerobot",
     "stack": "pipeline.infra.stack",
     "submit": "pipeline.infra.submit",
 }

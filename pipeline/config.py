@@ -62,6 +62,8 @@ class DataSection(_Section):
                                                        "null for <run_dir>/labelled")
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0,
                                 description="fraction of episodes held out for validation, in [0, 1)")
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error", description="error (stop, naming file and row) or skip (leave bad rows out, counted and logged)")
 
 
 class ModelSection(_Section):

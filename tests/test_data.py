@@ -1,6 +1,8 @@
 """Expert episodes, Parquet shards, the manifest, the train/val split and model batches, on real Meta-World data."""
 
+import dataclasses
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,8 @@ from pipeline.data.batches import Normalizer, to_model_batch
 from pipeline.data.manifest import read_manifest, verify_hash
 from pipeline.data.shards import open_shards, split_episodes, write_shards
 from pipeline.sim.collect import collect_episodes
-from pipeline.sim.metaworld_env import SimEnv, run_expert_episode
+from pipeline.sim.metaworld_env import PROPRIO_DIM, SimEnv, run_expert_episode
+from pipeline.sim.tasks import INSTRUCTIONS, TASKS, instruction_for
 
 SIZE, STEPS = 32, 30
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +62,33 @@ def test_episode_shapes_and_dtypes(episodes):
     assert ep.actions.shape == (STEPS, 4) and ep.actions.dtype == np.float32
     assert np.abs(ep.actions).max() <= 1.0
     assert ep.images.std() > 0  # a real render, not a blank frame
+
+
+def test_an_instruction_for_each_of_the_50_metaworld_tasks():
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+    assert len(TASKS) == 50 and set(TASKS) == set(ALL_V3_ENVIRONMENTS)
+    texts = [instruction_for(t) for t in TASKS]
+    assert len(set(texts)) == 50  # no two tasks share an instruction
+    # Plain English: lower-case words and spaces, a few words long, no task-name jargon like "-v3".
+    assert all(re.fullmatch(r"[a-z]+( [a-z]+){1,12}", t) for t in texts), [t for t in texts if "-" in t]
+    assert INSTRUCTIONS["drawer-open-v3"] == "open the drawer"
+
+
+def test_observation_is_image_and_proprio_only():
+    env = SimEnv("pick-place-v3", 3, SIZE)
+    try:
+        obs = env.reset()
+        # Only the frame and the body's own state: nothing a policy could read object positions from.
+        assert [f.name for f in dataclasses.fields(obs)] == ["image", "proprio"] and not hasattr(obs, "_raw")
+        assert obs.image.shape == (SIZE, SIZE, 3) and obs.image.dtype == np.uint8
+        assert obs.proprio.shape == (PROPRIO_DIM,) == (4,) and obs.proprio.dtype == np.float32
+        np.testing.assert_allclose(obs.proprio[:3], env._env.get_endeff_pos(), atol=1e-6)  # hand xyz
+        assert 0.0 <= obs.proprio[3] <= 1.0  # gripper opening
+        state = env.expert_state()  # the privileged 39-D state stays with the env, for the expert
+        assert state.shape == (39,) and not np.isin(state[4:7], obs.proprio).any()  # object xyz
+    finally:
+        env.close()
 
 
 def test_unknown_task_lists_choices():

@@ -29,9 +29,17 @@ class Stats(_Strict):
     q99: list[float]
 
     @classmethod
-    def of(cls, values: np.ndarray) -> Stats:
-        """Stats of a (rows, dims) array; std floored so normalisation never divides by zero."""
+    def of(cls, values: np.ndarray, column: str = "values") -> Stats:
+        """Stats of a (rows, dims) array; std floored so normalisation never divides by zero.
+
+        Rows holding NaN/inf are left out: one bad row must not poison every normalised value, and
+        validate_shards reports (or skips) such rows before training sees them.
+        """
         values = np.asarray(values, dtype=np.float64)
+        values = values[np.isfinite(values).all(axis=1)]
+        if not len(values):
+            raise ValueError(f"every row of {column} holds NaN/inf (or there are no rows); no statistics "
+                             f"can be computed. Fix the source data")
         return cls(mean=values.mean(0).tolist(),
                    std=np.maximum(values.std(0), STD_FLOOR).tolist(),
                    q01=np.quantile(values, 0.01, axis=0).tolist(),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import zlib
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -13,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.data import storage
-from pipeline.data.manifest import EpisodeEntry, Manifest, Stats, hash_shards, read_manifest, write_manifest
+from pipeline.data.manifest import EpisodeEntry, Manifest, Stats, read_manifest, write_manifest
 from pipeline.sim.metaworld_env import Episode
 
 if TYPE_CHECKING:
@@ -24,10 +26,20 @@ log = logging.getLogger(__name__)
 # One row per time step; image, proprio and action are flat fixed-size lists so Ray Data hands
 # them to the trainer as 2-D (rows, n) arrays without per-row Python objects.
 REQUIRED_COLUMNS = ("episode_id", "step", "task", "instruction", "image", "proprio", "action", "done")
+MAX_SHARDS = 100_000  # five digits keep name order == write order, which the content hash relies on
+_KEY_SEP = "\x1f"  # ASCII unit separator: cannot occur in an episode id written by collect or import
 
 
 def shard_name(index: int) -> str:
+    if index >= MAX_SHARDS:
+        raise ValueError(f"shard index {index} needs more than 5 digits; raise rows_per_shard so the "
+                         f"dataset fits in {MAX_SHARDS} shards")
     return f"shard-{index:05d}.parquet"
+
+
+def row_key(episode_id: str, step: int) -> str:
+    """The (episode_id, step) identity of a row as one string, the form the row filter compares."""
+    return f"{episode_id}{_KEY_SEP}{step}"
 
 
 def shard_schema(image_shape: tuple[int, int, int], proprio_dim: int, action_dim: int) -> pa.Schema:
@@ -86,39 +98,74 @@ def _serialise(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def _manifest_for(episodes: list[Episode], shards: dict[str, bytes], dropped: int) -> Manifest:
+def _manifest_for(episodes: list[Episode], names: list[str], content_hash: str, dropped: int) -> Manifest:
     first = episodes[0]
     tasks = list(dict.fromkeys(ep.task for ep in episodes))
     return Manifest(
         action_dim=first.actions.shape[1], proprio_dim=first.proprio.shape[1],
         image_shape=list(first.images.shape[1:]),
-        action_stats=Stats.of(np.concatenate([ep.actions for ep in episodes])),
-        proprio_stats=Stats.of(np.concatenate([ep.proprio for ep in episodes])),
+        action_stats=Stats.of(np.concatenate([ep.actions for ep in episodes]), "action"),
+        proprio_stats=Stats.of(np.concatenate([ep.proprio for ep in episodes]), "proprio"),
         num_episodes=len(episodes), num_steps=sum(ep.num_steps for ep in episodes),
         tasks=tasks, instructions={ep.task: ep.instruction for ep in episodes},
         episodes=[EpisodeEntry(episode_id=ep.episode_id, task=ep.task, seed=ep.seed,
                                num_steps=ep.num_steps, success=ep.success) for ep in episodes],
-        shards=sorted(shards), content_hash=hash_shards(shards), dropped_episodes=dropped)
+        shards=names, content_hash=content_hash, dropped_episodes=dropped)
+
+
+class ShardWriter:
+    """Streams tables into shard-00000.parquet, ... of rows_per_shard rows each, hashing as it writes,
+    so an importer never holds more than one shard of images in memory."""
+
+    def __init__(self, uri: str, schema: pa.Schema, rows_per_shard: int) -> None:
+        if rows_per_shard < 1:
+            raise ValueError(f"rows_per_shard={rows_per_shard}; must be >= 1, e.g. 2000")
+        self.uri, self.schema, self.rows_per_shard = uri, schema, rows_per_shard
+        self.names: list[str] = []
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        # Same digest as manifest.hash_shards: shards are written in name order.
+        self._digest = hashlib.sha256()
+
+    def add(self, table: pa.Table) -> None:
+        if not table.schema.equals(self.schema):
+            raise ValueError(f"rows for {self.uri} have schema {table.schema}, expected {self.schema}")
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        while self._pending_rows >= self.rows_per_shard:
+            self._flush(self.rows_per_shard)
+
+    def close(self) -> tuple[list[str], str]:
+        """(shard names, content hash) once the last partial shard is written."""
+        if self._pending_rows:
+            self._flush(self._pending_rows)
+        return list(self.names), self._digest.hexdigest()
+
+    def _flush(self, rows: int) -> None:
+        # concat_tables only chains chunks, so slicing copies nothing until serialisation.
+        table = pa.concat_tables(self._pending)
+        rest = table.slice(rows)
+        data = _serialise(table.slice(0, rows))
+        name = shard_name(len(self.names))
+        storage.write_bytes(storage.join(self.uri, name), data)
+        self._digest.update(data)
+        self.names.append(name)
+        self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
 
 
 def write_shards(episodes: list[Episode], uri: str, rows_per_shard: int, dropped: int = 0) -> Manifest:
     """Write episodes as shard-00000.parquet, ... plus manifest.json into a local folder or s3:// prefix."""
-    if rows_per_shard < 1:
-        raise ValueError(f"rows_per_shard={rows_per_shard}; must be >= 1, e.g. 2000")
     _check_episodes(episodes, dropped)
     first = episodes[0]
     schema = shard_schema(tuple(first.images.shape[1:]), first.proprio.shape[1], first.actions.shape[1])
-    # concat_tables only chains chunks, so slicing into shards copies nothing until serialisation.
-    table = pa.concat_tables([episode_table(ep, schema) for ep in episodes])
-    shards: dict[str, bytes] = {}
-    for index, start in enumerate(range(0, table.num_rows, rows_per_shard)):
-        data = _serialise(table.slice(start, rows_per_shard))
-        shards[shard_name(index)] = data
-        storage.write_bytes(storage.join(uri, shard_name(index)), data)
-    manifest = _manifest_for(episodes, shards, dropped)
+    writer = ShardWriter(uri, schema, rows_per_shard)
+    for ep in episodes:
+        writer.add(episode_table(ep, schema))
+    names, content_hash = writer.close()
+    manifest = _manifest_for(episodes, names, content_hash, dropped)
     write_manifest(uri, manifest)
     log.info("wrote %d episodes, %d rows in %d shards to %s", manifest.num_episodes, manifest.num_steps,
-             len(shards), uri)
+             len(names), uri)
     return manifest
 
 
@@ -134,33 +181,54 @@ def check_columns(uri: str, manifest: Manifest) -> None:
     for name in manifest.shards:
         fs, path = storage.resolve(storage.join(uri, name))
         try:
-            present = set(pq.read_schema(path, filesystem=fs).names)
+            with storage.reaching(uri):
+                present = set(pq.read_schema(path, filesystem=fs).names)
         except FileNotFoundError:
             raise FileNotFoundError(f"{storage.join(uri, name)} is listed in the manifest but missing; "
                                     f"re-run `actdistill collect` for {uri}") from None
+        except pa.ArrowInvalid as exc:
+            raise ValueError(f"{storage.join(uri, name)} is not a readable Parquet file ({exc}); it was "
+                             f"probably truncated by an interrupted copy. Restore it or re-run "
+                             f"`actdistill collect` for {uri}") from None
         missing = [c for c in REQUIRED_COLUMNS if c not in present]
         if missing:
             raise ValueError(f"{storage.join(uri, name)} lacks column(s) {missing}; shards need "
                              f"{list(REQUIRED_COLUMNS)}. Re-run `actdistill collect` for {uri}")
 
 
-def _keep_episodes(batch: pa.Table, keep: pa.Array) -> pa.Table:
-    return batch.filter(pc.is_in(batch["episode_id"], value_set=keep))
+def _filter_rows(batch: pa.Table, keep: pa.Array | None, skip: pa.Array | None) -> pa.Table:
+    """Rows of kept episodes whose (episode_id, step) is not in skip; null masks count as dropped."""
+    masks = []
+    if keep is not None:
+        masks.append(pc.is_in(batch["episode_id"], value_set=keep))
+    if skip is not None:
+        keys = pc.binary_join_element_wise(batch["episode_id"], pc.cast(batch["step"], pa.string()), _KEY_SEP)
+        # A row with a null key cannot be named, so it never passes once bad rows are being skipped.
+        masks.append(pc.and_(pc.is_valid(keys), pc.invert(pc.is_in(keys, value_set=skip))))
+    mask = masks[0]
+    for more in masks[1:]:
+        mask = pc.and_(mask, more)
+    return batch.filter(mask)
 
 
-def open_shards(uri: str, manifest: Manifest | None = None,
-                episodes: set[str] | None = None) -> ray.data.Dataset:
-    """A Ray Dataset over a shard folder, optionally only the rows of the given episode ids."""
+def open_shards(uri: str, manifest: Manifest | None = None, episodes: set[str] | None = None,
+                skip_rows: Collection[tuple[str, int]] | None = None) -> ray.data.Dataset:
+    """A Ray Dataset over a shard folder, optionally only the rows of the given episode ids and
+    without the (episode_id, step) rows validation reported as bad (ValidationReport.skip_rows)."""
     import ray.data
 
     manifest = manifest or read_manifest(uri)
     check_columns(uri, manifest)
     fs, _ = storage.resolve(uri)
     paths = [storage.resolve(f)[1] for f in shard_files(uri, manifest)]
-    ds = ray.data.read_parquet(paths, filesystem=fs)
-    if episodes is not None:
-        keep = pa.array(sorted(episodes), pa.string())
-        ds = ds.map_batches(_keep_episodes, batch_format="pyarrow", fn_kwargs={"keep": keep},
+    with storage.reaching(uri):
+        ds = ray.data.read_parquet(paths, filesystem=fs)
+    keep = pa.array(sorted(episodes), pa.string()) if episodes is not None else None
+    skip = pa.array(sorted(row_key(e, s) for e, s in skip_rows), pa.string()) if skip_rows is not None else None
+    if skip is not None:
+        log.info("leaving %d bad row(s) of %s out of the dataset", len(skip), uri)
+    if keep is not None or skip is not None:
+        ds = ds.map_batches(_filter_rows, batch_format="pyarrow", fn_kwargs={"keep": keep, "skip": skip},
                             zero_copy_batch=True)
     return ds
 

@@ -8,7 +8,7 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,14 +19,16 @@ ACTION_DIM = 4  # (dx, dy, dz, gripper) for every Meta-World task
 PROPRIO_DIM = 4  # hand xyz + gripper opening: what the policy may know about its own body
 
 
-@dataclass
+@dataclass(frozen=True)
 class Observation:
-    """What a policy sees: a rendered frame and proprioception, never object positions."""
+    """What a policy sees: a rendered frame and proprioception, never object positions.
+
+    The full 39-D state (object and goal poses) is privileged; it stays inside SimEnv, where only the
+    scripted expert reads it (SimEnv.expert_state), so no policy can be handed it by mistake.
+    """
 
     image: np.ndarray  # (H, W, 3) uint8
     proprio: np.ndarray  # (4,) float32: hand xyz, gripper opening
-    # The full 39-D state (object and goal poses) is privileged: only the scripted expert reads it.
-    _raw: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -87,6 +89,12 @@ class SimEnv:
         raw, _ = self._env.reset()
         return self._observe(raw)
 
+    def expert_state(self) -> np.ndarray:
+        """The privileged 39-D simulator state after the last reset/step: for scripted experts only."""
+        if self._raw is None:
+            raise RuntimeError(f"SimEnv({self.task}, seed={self.seed}) has no state yet; call reset() first")
+        return self._raw
+
     def step(self, action: np.ndarray) -> tuple[Observation, bool]:
         action = np.asarray(action, dtype=np.float64).reshape(-1)
         if action.shape != (ACTION_DIM,):
@@ -103,9 +111,10 @@ class SimEnv:
         self._env.close()
 
     def _observe(self, raw: np.ndarray) -> Observation:
-        raw = np.asarray(raw, dtype=np.float64)
-        proprio = raw[:PROPRIO_DIM].astype(np.float32)
-        return Observation(image=self._render(), proprio=proprio, _raw=raw)
+        self._raw = np.asarray(raw, dtype=np.float64)
+        # Meta-World's state starts with hand xyz and the gripper opening; the rest is object state.
+        proprio = self._raw[:PROPRIO_DIM].astype(np.float32)
+        return Observation(image=self._render(), proprio=proprio)
 
     def _render(self) -> np.ndarray:
         import mujoco
@@ -119,14 +128,12 @@ class SimEnv:
         return np.ascontiguousarray(self._renderer.render()[::-1])
 
 
-def expert_action(policy: Any, obs: Observation) -> np.ndarray:
+def expert_action(policy: Any, env: SimEnv) -> np.ndarray:
     """The scripted expert's action from the privileged state; its over-range warning is noise."""
-    if obs._raw is None:
-        raise ValueError("this Observation carries no simulator state; the expert needs one from SimEnv")
     with warnings.catch_warnings():
         # The expert's P-controller often exceeds [-1, 1]; the env clips, so the warning says nothing.
         warnings.filterwarnings("ignore", message="Constant\\(s\\) may be too high")
-        return np.asarray(policy.get_action(obs._raw), dtype=np.float32)
+        return np.asarray(policy.get_action(env.expert_state()), dtype=np.float32)
 
 
 def run_expert_episode(task: str, seed: int, image_size: int, camera: str = "corner",
@@ -140,7 +147,7 @@ def run_expert_episode(task: str, seed: int, image_size: int, camera: str = "cor
     try:
         obs = env.reset()
         for _ in range(max_steps):
-            action = np.clip(expert_action(policy, obs), -1.0, 1.0)
+            action = np.clip(expert_action(policy, env), -1.0, 1.0)
             images.append(obs.image)
             proprio.append(obs.proprio)
             actions.append(action)

@@ -1,0 +1,194 @@
+"""Bad input never reaches training silently: truncated shards, missing columns, wrong sizes, NaN, bad hashes, dead S3."""
+
+import logging
+import shutil
+import socket
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from pipeline.config import ConfigError, load_config
+from pipeline.data import storage
+from pipeline.data.manifest import hash_shards, read_manifest, write_manifest
+from pipeline.data.shards import open_shards, write_shards
+from pipeline.data.validate import ShardError, validate_shards
+from pipeline.sim.metaworld_env import Episode
+
+SIZE, STEPS = 8, 10
+
+
+def fake_episode(task: str, seed: int) -> Episode:
+    rng = np.random.default_rng(seed)
+    return Episode(episode_id=f"{task}/s{seed:06d}", task=task, seed=seed, instruction=f"do {task}",
+                   images=rng.integers(0, 255, (STEPS, SIZE, SIZE, 3), dtype=np.uint8),
+                   proprio=rng.normal(size=(STEPS, 4)).astype(np.float32),
+                   actions=rng.uniform(-1, 1, (STEPS, 4)).astype(np.float32), success=True)
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("good")
+    episodes = [fake_episode("reach-v3", s) for s in range(3)]
+    return folder, write_shards(episodes, str(folder), rows_per_shard=12)
+
+
+@pytest.fixture
+def copy(good, tmp_path):
+    folder, manifest = good
+    shutil.copytree(folder, tmp_path / "copy")
+    return tmp_path / "copy", manifest
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def rewrite(path, column, fn):
+    """Replace one vector column of a shard with fn(values as a (rows, n) array)."""
+    table = pq.read_table(path)
+    col = table[column].combine_chunks()
+    values = fn(col.flatten().to_numpy().reshape(len(col), -1).copy())
+    new = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), col.type.value_type), values.shape[1])
+    pq.write_table(table.set_column(table.schema.get_field_index(column), column, new), path)
+
+
+def rehash(folder, manifest):
+    """The manifest an external writer would produce for the modified shards (so only the rows are bad)."""
+    found = hash_shards({n: (folder / n).read_bytes() for n in manifest.shards})
+    fixed = manifest.model_copy(update={"content_hash": found})
+    write_manifest(str(folder), fixed)
+    return fixed
+
+
+def test_good_folder_validates(good):
+    folder, manifest = good
+    report = validate_shards(str(folder), manifest)
+    assert (report.num_shards, report.num_rows, report.num_bad) == (3, 3 * STEPS, 0)
+    assert report.skip_rows is None
+
+
+def test_truncated_shard_is_named(copy):
+    folder, manifest = copy
+    path = folder / "shard-00001.parquet"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ShardError, match=r"shard-00001\.parquet is not a readable Parquet file.*truncated"):
+        validate_shards(str(folder), manifest)
+    # The reader refuses it too, before any Ray task starts.
+    with pytest.raises(ValueError, match=r"shard-00001\.parquet is not a readable Parquet file"):
+        open_shards(str(folder), manifest)
+
+
+def test_missing_shard_is_named(copy):
+    folder, manifest = copy
+    (folder / "shard-00002.parquet").unlink()
+    with pytest.raises(ShardError, match=r"shard-00002\.parquet is listed in .*manifest\.json but missing"):
+        validate_shards(str(folder), manifest)
+
+
+def test_missing_column_is_named(copy):
+    folder, manifest = copy
+    path = folder / "shard-00000.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["proprio"]), path)
+    with pytest.raises(ShardError, match=r"shard-00000\.parquet lacks column\(s\) \['proprio'\]"):
+        validate_shards(str(folder), manifest, on_bad_rows="skip")  # not a row problem: skip cannot help
+
+
+def test_wrong_image_size_names_file_and_manifest(good):
+    folder, manifest = good
+    other = manifest.model_copy(update={"image_shape": [16, 16, 3]})
+    with pytest.raises(ShardError, match=r"shard-00000\.parquet: column 'image' has 192 values per row but "
+                                         r".*image_shape=\[16, 16, 3\] \(= 768 values\)"):
+        validate_shards(str(folder), other)
+
+
+def test_wrong_length_row_in_variable_list_is_a_bad_row(copy):
+    folder, manifest = copy
+    path = folder / "shard-00001.parquet"
+    table = pq.read_table(path)
+    rows = table["image"].to_pylist()
+    rows[4] = rows[4][:100]  # a foreign writer's variable-length list with one short image
+    table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(rows, pa.list_(pa.uint8())))
+    pq.write_table(table, path)
+    manifest = rehash(folder, manifest)
+    with pytest.raises(ShardError, match=r"shard-00001\.parquet row 4 \(episode reach-v3/s000001, step 6\): "
+                                         r"image has 100 values, expected image_shape"):
+        validate_shards(str(folder), manifest)
+
+
+def test_nan_or_inf_is_named_by_file_and_row(copy):
+    folder, manifest = copy
+
+    def poison(a):
+        a[3, 1] = np.nan
+        return a
+
+    rewrite(folder / "shard-00000.parquet", "action", poison)
+    manifest = rehash(folder, manifest)
+    with pytest.raises(ShardError, match=r"1 bad row\(s\) of 30: .*shard-00000\.parquet row 3 \(episode "
+                                         r"reach-v3/s000000, step 3\): action holds NaN.*data\.on_bad_rows=skip"):
+        validate_shards(str(folder), manifest)
+
+
+def test_skip_policy_counts_logs_and_excludes_rows(copy, ray_local, caplog):
+    folder, manifest = copy
+
+    def inf_at(row):
+        def poison(a):
+            a[row, 0] = np.inf
+            return a
+        return poison
+
+    rewrite(folder / "shard-00000.parquet", "action", inf_at(5))
+    rewrite(folder / "shard-00002.parquet", "proprio", inf_at(0))  # shard 2 starts at episode 2, step 4
+    manifest = rehash(folder, manifest)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.validate"):
+        report = validate_shards(str(folder), manifest, on_bad_rows="skip")
+    assert report.num_bad == 2 and "skipping 2 bad row(s) of 30" in caplog.text
+    assert report.skip_rows == {("reach-v3/s000000", 5), ("reach-v3/s000002", 4)}
+    rows = open_shards(str(folder), manifest, skip_rows=report.skip_rows).take_all()
+    keys = {(r["episode_id"], r["step"]) for r in rows}
+    assert len(rows) == 28 and not keys & report.skip_rows
+    assert all(np.isfinite(r["action"]).all() and np.isfinite(r["proprio"]).all() for r in rows)
+    # The episode filter and the bad-row filter compose.
+    val = open_shards(str(folder), manifest, episodes={"reach-v3/s000002"}, skip_rows=report.skip_rows)
+    assert val.count() == STEPS - 1
+
+
+def test_hash_mismatch_names_manifest(copy):
+    folder, manifest = copy
+    path = folder / "shard-00001.parquet"
+    pq.write_table(pq.read_table(path).slice(1), path)  # valid Parquet, valid rows, different bytes
+    with pytest.raises(ShardError, match=r"manifest\.json: content_hash is .* the shards were modified"):
+        validate_shards(str(folder), manifest, on_bad_rows="skip")
+
+
+def test_unknown_policy_and_config_key():
+    with pytest.raises(ValueError, match=r"choose from \['error', 'skip'\]"):
+        validate_shards("unused", None, on_bad_rows="drop")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"data\.on_bad_rows='drop'.*error.*skip"):
+        load_config(None, ["data.on_bad_rows=drop"])
+    assert load_config(None, ["data.on_bad_rows=skip"]).data.on_bad_rows == "skip"
+
+
+def test_unreachable_s3_is_retried_then_named(monkeypatch):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(storage, "S3_OPTIONS", storage.S3Options(max_attempts=3, connect_timeout=0.5,
+                                                                 request_timeout=1.0))
+    started = time.perf_counter()
+    with pytest.raises(storage.StorageUnreachable,
+                       match=rf"cannot reach http://127\.0\.0\.1:{port} for s3://actdistill/shards/manifest\.json "
+                             r"after 3 attempts"):
+        read_manifest("s3://actdistill/shards")
+    assert time.perf_counter() - started < 20

@@ -10,9 +10,11 @@ import time
 import zlib
 from pathlib import Path
 
+import mlflow
 import pytest
 import requests
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from jobs import promote
@@ -119,7 +121,7 @@ def _aliases(client):
     for alias in ("challenger", "champion"):
         try:
             out[alias] = client.get_model_version_by_alias(NAME, alias).version
-        except Exception:
+        except MlflowException:
             out[alias] = None
     return out
 
@@ -127,6 +129,8 @@ def _aliases(client):
 def test_gate_aliases_and_idempotency(run, mlflow_server):
     cfg, teacher, teacher_hash = run
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    # A registry URI left over in this process (as after loading another model) must not divert promote.
+    mlflow.set_registry_uri(f"sqlite:///{cfg.stage_dir('stale-registry.db')}")
     # Round 1: A passes; B is too expensive; C lost too much success. Only A may be registered.
     _round(cfg, teacher, teacher_hash, {"A": (0.78, 0.5), "B": (0.95, 0.8), "C": (0.5, 0.3)})
     first = promote.main(cfg)

@@ -17,6 +17,9 @@ def use_tracking(cfg: PipelineConfig) -> str:
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
+    # The registry follows the tracking store explicitly: a registry URI set earlier in this process
+    # (another run, a notebook) must never receive this run's model versions.
+    mlflow.set_registry_uri(uri)
     mlflow.set_experiment(cfg.tracking.experiment)
     return uri
 

@@ -1,0 +1,1 @@
+"""ActDistill: Ray-based distributed distillation of Vision-Language-Action policies into routed students."""

@@ -1,0 +1,1 @@
+"""Evaluation: closed-loop rollouts, offline action error, FLOPs, latency and reports."""

@@ -1,0 +1,1 @@
+"""The Meta-World adapter: tasks and instructions, rendering, scripted experts, collection."""

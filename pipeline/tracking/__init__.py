@@ -1,0 +1,1 @@
+"""MLflow: stage runs, the registered pyfunc, and promotion through the model registry."""

@@ -1,0 +1,1 @@
+"""Ray Tune: search spaces, the trial driver, and the compute/success frontier."""

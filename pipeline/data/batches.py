@@ -63,7 +63,7 @@ class Normalizer:
         return (proprio - _like(self.proprio_mean, proprio)) / _like(self.proprio_std, proprio)
 
 
-def _column(batch: dict[str, np.ndarray], name: str, width: int) -> np.ndarray:
+def fixed_column(batch: dict[str, np.ndarray], name: str, width: int) -> np.ndarray:
     """A fixed-size-list column as a (B, width) array.
 
     Ray 2.60 numpy batches give these columns as (B,) object arrays of 1-D rows (checked); stacking
@@ -89,11 +89,11 @@ def to_model_batch(batch: dict[str, np.ndarray], normalizer: Normalizer,
                    image_shape: tuple[int, int, int]) -> dict[str, torch.Tensor | list[str]]:
     """A Ray Data numpy batch -> images (B,3,H,W) in [0,1], normalised proprio/actions, texts and keys."""
     h, w, c = image_shape
-    images = _column(batch, "image", h * w * c).reshape(-1, h, w, c)
+    images = fixed_column(batch, "image", h * w * c).reshape(-1, h, w, c)
     # One copy into float32 (Ray's arrays may be read-only); channels-first for the vision encoder.
     images_t = torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2).div_(255.0)
-    proprio = torch.from_numpy(_column(batch, "proprio", normalizer.proprio_dim).astype(np.float32))
-    actions = torch.from_numpy(_column(batch, "action", normalizer.action_dim).astype(np.float32))
+    proprio = torch.from_numpy(fixed_column(batch, "proprio", normalizer.proprio_dim).astype(np.float32))
+    actions = torch.from_numpy(fixed_column(batch, "action", normalizer.action_dim).astype(np.float32))
     return {
         "images": images_t.contiguous(),
         "proprio": normalizer.norm_proprio(proprio),

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import ray.data
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.data import storage
+from pipeline.data.shards import filter_rows
 
 LABELS_FILE = "labels.json"
 LABEL_COLUMNS = ("episode_id", "step", "teacher_hash", "teacher_sem", "teacher_act")
@@ -54,10 +54,6 @@ def check_teacher(labels: Labels, teacher_hash: str, uri: str) -> None:
                          f"targets match the teacher")
 
 
-def _keep(batch: pa.Table, keep: pa.Array) -> pa.Table:
-    return batch.filter(pc.is_in(batch["episode_id"], value_set=keep))
-
-
 def open_labelled(uri: str, episodes: set[str] | None = None) -> ray.data.Dataset:
     """Labelled rows (optionally only some episodes); missing label columns are an error."""
     fs, path = storage.resolve(uri)
@@ -66,6 +62,6 @@ def open_labelled(uri: str, episodes: set[str] | None = None) -> ray.data.Datase
     if missing:
         raise ValueError(f"{uri}: labelled shards lack column(s) {missing}; re-run `actdistill probe-teacher`")
     if episodes is not None:
-        ds = ds.map_batches(_keep, batch_format="pyarrow", zero_copy_batch=True,
-                            fn_kwargs={"keep": pa.array(sorted(episodes), pa.string())})
+        ds = ds.map_batches(filter_rows, batch_format="pyarrow", zero_copy_batch=True,
+                            fn_kwargs={"keep": pa.array(sorted(episodes), pa.string()), "skip": None})
     return ds

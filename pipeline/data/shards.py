@@ -196,7 +196,7 @@ def check_columns(uri: str, manifest: Manifest) -> None:
                              f"{list(REQUIRED_COLUMNS)}. Re-run `actdistill collect` for {uri}")
 
 
-def _filter_rows(batch: pa.Table, keep: pa.Array | None, skip: pa.Array | None) -> pa.Table:
+def filter_rows(batch: pa.Table, keep: pa.Array | None, skip: pa.Array | None) -> pa.Table:
     """Rows of kept episodes whose (episode_id, step) is not in skip; null masks count as dropped."""
     masks = []
     if keep is not None:
@@ -228,7 +228,7 @@ def open_shards(uri: str, manifest: Manifest | None = None, episodes: set[str] |
     if skip is not None:
         log.info("leaving %d bad row(s) of %s out of the dataset", len(skip), uri)
     if keep is not None or skip is not None:
-        ds = ds.map_batches(_filter_rows, batch_format="pyarrow", fn_kwargs={"keep": keep, "skip": skip},
+        ds = ds.map_batches(filter_rows, batch_format="pyarrow", fn_kwargs={"keep": keep, "skip": skip},
                             zero_copy_batch=True)
     return ds
 

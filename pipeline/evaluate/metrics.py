@@ -29,8 +29,8 @@ def action_error(policy: Policy, data: ray.data.Dataset, image_shape: tuple[int,
     norm_sq, raw_sq, rows = 0.0, 0.0, 0
     for batch in data.iter_batches(batch_size=batch_size, batch_format="numpy"):
         b = to_model_batch(batch, policy.normalizer, image_shape)
-        out = policy.model(b["images"], b["instructions"], b["proprio"],
-                           mode="hard" if policy.routed else "off", threshold=policy.threshold)
+        out = policy.model(b["images"], b["instructions"], b["proprio"], mode=policy.mode,
+                           threshold=policy.threshold)
         diff = out.actions - b["actions"]
         norm_sq += float((diff ** 2).sum())
         raw = policy.normalizer.denorm_action(out.actions) - policy.normalizer.denorm_action(b["actions"])

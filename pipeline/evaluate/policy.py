@@ -17,6 +17,8 @@ class Policy:
         self.normalizer = Normalizer.from_dict(self.meta["normalizer"])
         self.threshold = float(self.meta.get("threshold", 0.5))
         self.routed = self.model.router is not None
+        # A teacher runs every layer; a routed student runs only the layers its gates open.
+        self.mode = "hard" if self.routed else "off"
         self.executed: list[np.ndarray] = []   # per call: B x L executed-layer flags
 
     @property
@@ -28,8 +30,7 @@ class Policy:
         """images B x H x W x 3 uint8, proprio B x P (raw units) -> actions B x A (raw units)."""
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2) / 255.0
         p = self.normalizer.norm_proprio(torch.from_numpy(np.asarray(proprio, dtype=np.float32)))
-        out = self.model(x, list(instructions), p, mode="hard" if self.routed else "off",
-                         threshold=self.threshold)
+        out = self.model(x, list(instructions), p, mode=self.mode, threshold=self.threshold)
         self.executed.append(out.executed.numpy().copy())
         return self.normalizer.denorm_action(out.actions).numpy()
 

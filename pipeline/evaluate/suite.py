@@ -6,8 +6,10 @@ import time
 from typing import Any
 
 import numpy as np
+import ray.data
 
 from pipeline.config import PipelineConfig
+from pipeline.data.batches import fixed_column
 from pipeline.data.manifest import read_manifest
 from pipeline.data.shards import open_shards, split_episodes
 from pipeline.evaluate.flops import policy_flops
@@ -36,14 +38,14 @@ def paired_latency(policies: dict[str, Policy], sample: dict[str, Any], calls: i
     return out
 
 
-def _sample_row(cfg: PipelineConfig, val_ids: set[str], image_shape: list[int]) -> dict[str, Any]:
-    """One real observation (held out when there is a validation split) for the latency measurement."""
-    rows = open_shards(cfg.shards_uri, episodes=val_ids or None)
-    batch = next(iter(rows.iter_batches(batch_size=1, batch_format="numpy")))
-    image = np.asarray(np.stack(batch["image"]) if batch["image"].dtype == object else batch["image"])
-    proprio = np.asarray(np.stack(batch["proprio"]) if batch["proprio"].dtype == object else batch["proprio"])
-    return {"image": image.reshape(image_shape).astype(np.uint8), "instruction": str(batch["instruction"][0]),
-            "proprio": proprio.reshape(-1).astype(np.float32)}
+def _sample_row(heldout: ray.data.Dataset, image_shape: tuple[int, int, int], proprio_dim: int
+                ) -> dict[str, Any]:
+    """One real held-out observation (raw units) for the latency measurement."""
+    batch = heldout.take_batch(1, batch_format="numpy")
+    h, w, c = image_shape
+    return {"image": fixed_column(batch, "image", h * w * c).reshape(image_shape).astype(np.uint8),
+            "instruction": str(batch["instruction"][0]),
+            "proprio": fixed_column(batch, "proprio", proprio_dim).reshape(-1).astype(np.float32)}
 
 
 def _policy_block(name: str, policy: Policy, results: list, offline: dict[str, float],
@@ -73,11 +75,13 @@ def evaluate_policies(cfg: PipelineConfig, uris: dict[str, str], episodes_per_ta
     results = run_closed_loop(uris, cfg.collect.tasks, seeds, manifest.image_shape[0], cfg.collect.camera,
                               cfg.evaluate.max_steps)
     policies = {name: Policy(uri) for name, uri in uris.items()}
+    # Read once: the held-out rows serve the action error (an error if there are none) and the latency sample.
     heldout = open_shards(cfg.shards_uri, manifest, episodes=val_ids).materialize()
-    lat = paired_latency(policies, _sample_row(cfg, val_ids, list(image_shape)), cfg.evaluate.latency_calls)
+    offline = {name: action_error(p, heldout, image_shape) for name, p in policies.items()}
+    lat = paired_latency(policies, _sample_row(heldout, image_shape, manifest.proprio_dim), cfg.evaluate.latency_calls)
     report: dict[str, Any] = {
         "tasks": cfg.collect.tasks, "seeds": seeds, "max_steps": cfg.evaluate.max_steps,
-        "policies": {name: _policy_block(name, p, results, action_error(p, heldout, image_shape), lat[name])
+        "policies": {name: _policy_block(name, p, results, offline[name], lat[name])
                      for name, p in policies.items()},
     }
     if "teacher" in uris:

@@ -10,17 +10,22 @@ from pipeline.cli import run_cli
 from pipeline.config import PipelineConfig
 from pipeline.distill.fit_student import DistillResult, fit_student
 from pipeline.distill.loop import Tracking
+from pipeline.distill.trainer import record_run, train_run
 from pipeline.ray_runtime import start_ray
 from pipeline.tracking.runs import stage_run
 
 
 def main(cfg: PipelineConfig) -> DistillResult:
     start_ray(cfg)
-    with stage_run(cfg, "distill") as run:
+    ray_run = train_run(cfg, "distill", cfg.stage_dir("ray"))
+    with stage_run(cfg, "distill", resume_run_id=ray_run.mlflow_run_id) as run:
+        if not ray_run.resumed:
+            record_run(ray_run, cfg, "distill", run.info.run_id)
         result = fit_student(cfg, Tracking(cfg.tracking_uri, run.info.run_id), str(cfg.stage_dir("student")),
-                             name=f"{cfg.run.name}-distill", storage_path=cfg.stage_dir("ray"))
+                             ray_run)
         mlflow.log_metrics(result.metrics)
-        mlflow.set_tags({"student_uri": result.student_uri, "teacher_hash": result.teacher_hash})
+        mlflow.set_tags({"student_uri": result.student_uri, "teacher_hash": result.teacher_hash,
+                         "ray_run_name": ray_run.name})
     return result
 
 

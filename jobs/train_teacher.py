@@ -14,7 +14,7 @@ from pipeline.data.manifest import read_manifest
 from pipeline.data.shards import open_shards, split_episodes
 from pipeline.data.validate import validate_shards
 from pipeline.distill.loop import TeacherJob, Tracking, teacher_fn_per_worker
-from pipeline.distill.trainer import fit, publish_policy
+from pipeline.distill.trainer import fit, publish_policy, record_run, train_run
 from pipeline.models.checkpoint import policy_hash
 from pipeline.models.vla import teacher_config
 from pipeline.ray_runtime import is_local, start_ray
@@ -37,21 +37,26 @@ def main(cfg: PipelineConfig) -> TeacherResult:
                        skip_rows=report.skip_rows).random_shuffle(seed=cfg.run.seed)
     vla = teacher_config(cfg.model, manifest.image_shape, manifest.proprio_dim, manifest.action_dim)
     uri = str(cfg.stage_dir("teacher"))
-    with stage_run(cfg, "train-teacher") as run:
+    ray_run = train_run(cfg, "train-teacher", cfg.stage_dir("ray"))
+    with stage_run(cfg, "train-teacher", resume_run_id=ray_run.mlflow_run_id) as run:
+        if not ray_run.resumed:
+            record_run(ray_run, cfg, "train-teacher", run.info.run_id)
         meta = {"role": "teacher", "normalizer": Normalizer.from_manifest(manifest).to_dict(),
                 "data_content_hash": manifest.content_hash, "instructions": manifest.instructions,
                 "config_digest": cfg.digest()}
         job = TeacherJob(vla=vla, train=cfg.teacher, normalizer=meta["normalizer"],
                          image_shape=tuple(manifest.image_shape), meta=meta,
                          tracking=Tracking(cfg.tracking_uri, run.info.run_id), seed=cfg.run.seed,
-                         pretrained_backbone=cfg.model.pretrained_backbone)
-        metrics, checkpoint = fit(teacher_fn_per_worker, job, {"train": data}, cfg.teacher,
-                                  name=f"{cfg.run.name}-teacher", storage_path=cfg.stage_dir("ray"), local=is_local(cfg))
+                         pretrained_backbone=cfg.model.pretrained_backbone,
+                         ledger_dir=ray_run.ledger_dir if cfg.teacher.ledger else None)
+        metrics, checkpoint = fit(teacher_fn_per_worker, job, {"train": data}, cfg.teacher, ray_run,
+                                  local=is_local(cfg))
         publish_policy(checkpoint, uri)
         digest = policy_hash(uri)
         mlflow.log_metrics({"final_action_mse": metrics["final_action_mse"],
-                            "train_episodes": len(train_ids)})
-        mlflow.set_tags({"teacher_uri": uri, "teacher_hash": digest, "data_content_hash": manifest.content_hash})
+                            "optimizer_steps": metrics["optimizer_steps"], "train_episodes": len(train_ids)})
+        mlflow.set_tags({"teacher_uri": uri, "teacher_hash": digest, "data_content_hash": manifest.content_hash,
+                         "ray_run_name": ray_run.name})
     return TeacherResult(uri=uri, teacher_hash=digest, final_action_mse=metrics["final_action_mse"])
 
 

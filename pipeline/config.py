@@ -30,6 +30,10 @@ class RunSection(_Section):
     ray_address: str | None = Field(None, description="Ray cluster address, or null for a local Ray")
     ray_num_cpus: int | None = Field(None, ge=1,
                                      description="logical CPUs of a local Ray, or null for the machine's")
+    resume: str | None = Field(None, min_length=1,
+                               description="the Ray Train run name of an interrupted train-teacher or distill "
+                                           "run to continue from its last checkpoint (the job prints it and tags "
+                                           "it in MLflow as ray_run_name); null for a fresh run")
 
 
 class CollectSection(_Section):
@@ -100,6 +104,13 @@ class TrainSection(_Section):
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32 or bf16 (fp16 is refused on CPU)")
     log_every: int = Field(10, ge=1, description="steps between logged metrics")
+    checkpoint_every: int = Field(0, ge=0, description="optimizer steps between resumable checkpoints "
+                                                       "(DeepSpeed state + exported policy); 0: only at the end")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on storage (oldest deleted), e.g. 2")
+    max_failures: int = Field(0, ge=-1, description="worker failures to recover from by restarting from the "
+                                                    "last checkpoint; 0: none, -1: unlimited")
+    ledger: bool = Field(False, description="true to record, per rank and optimizer step, a digest of the rows "
+                                            "trained on (audits data order across restarts)")
 
 
 class ProbeSection(_Section):
@@ -127,6 +138,9 @@ class DistillSection(_Section):
     balance_weight: float = Field(0.0, ge=0, description="weight of the per-layer balance term, >= 0")
     eval_every: int = Field(20, ge=0, description="optimizer steps between held-out action-error reports "
                                                   "(what ASHA reads); 0 for none")
+    teacher_mode: Literal["cached", "online"] = Field(
+        "cached", description="cached (teacher targets from probe-teacher's labelled shards) or online (the "
+                              "frozen teacher runs inside each step; partitioned with the student under ZeRO-3)")
     train: TrainSection = TrainSection()
 
 
@@ -192,8 +206,11 @@ class PipelineConfig(_Section):
         return f"sqlite:///{(Path(self.run.run_dir).resolve() / 'mlflow.db')}"
 
     def digest(self) -> str:
-        """A short hash of the resolved config, recorded with every run and model version."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """A short hash of the resolved config, recorded with every run and model version. run.resume is
+        left out: continuing a run does not change what it trains."""
+        data = self.model_dump(mode="json")
+        data["run"].pop("resume")
+        text = json.dumps(data, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
-from pathlib import Path
+
+import ray.data
 
 from pipeline.config import PipelineConfig
+from pipeline.data import storage
 from pipeline.data.labelled import check_teacher, open_labelled, read_labels
-from pipeline.data.manifest import read_manifest
-from pipeline.data.shards import split_episodes
+from pipeline.data.manifest import Manifest, read_manifest
+from pipeline.data.shards import open_shards, split_episodes
+from pipeline.data.validate import validate_shards
 from pipeline.distill.loop import StudentJob, Tracking, student_fn_per_worker
 from pipeline.distill.losses import LossWeights
-from pipeline.distill.trainer import fit, publish_policy
+from pipeline.distill.trainer import TrainRun, fit, publish_policy
+from pipeline.models.checkpoint import PROBES_CONFIG, policy_hash, read_policy_config
 from pipeline.ray_runtime import is_local
-from pipeline.models.checkpoint import policy_hash, read_policy_config
 
 
 @dataclass(frozen=True)
@@ -30,19 +34,46 @@ def loss_weights(cfg: PipelineConfig) -> LossWeights:
                        balance_weight=d.balance_weight, budget=cfg.router.budget)
 
 
-def fit_student(cfg: PipelineConfig, tracking: Tracking, student_uri: str, name: str,
-                storage_path: Path, reserved: float = 0.0, callbacks: list[Any] | None = None) -> DistillResult:
-    """Labels made by another teacher are refused before any worker starts."""
+def check_probes(probes_uri: str, teacher_hash: str) -> None:
+    """The stage-1 probes are the student's heads and, online, the teacher's labellers: same teacher only."""
+    path = storage.join(probes_uri, PROBES_CONFIG)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"{path} not found; run `actdistill probe-teacher` first")
+    made_by = json.loads(storage.read_bytes(path)).get("teacher_hash")
+    if made_by != teacher_hash:
+        raise ValueError(f"{path}: the probes were trained on teacher {made_by}, but the teacher checkpoint "
+                         f"is {teacher_hash}; re-run `actdistill probe-teacher` for this teacher")
+
+
+def _datasets(cfg: PipelineConfig, manifest: Manifest, teacher_hash: str) -> dict[str, ray.data.Dataset]:
+    """cached: probe-teacher's labelled shards (refused if another teacher made them); online: raw shards."""
+    train_ids, val_ids = split_episodes(manifest, cfg.data.val_fraction)
+    if cfg.distill.teacher_mode == "cached":
+        check_teacher(read_labels(cfg.labelled_uri), teacher_hash, cfg.labelled_uri)
+
+        def rows(ids: set[str]) -> ray.data.Dataset:
+            return open_labelled(cfg.labelled_uri, episodes=ids)
+    else:
+        report = validate_shards(cfg.shards_uri, manifest, cfg.data.on_bad_rows)
+
+        def rows(ids: set[str]) -> ray.data.Dataset:
+            return open_shards(cfg.shards_uri, manifest, episodes=ids, skip_rows=report.skip_rows)
+    datasets = {"train": rows(train_ids).random_shuffle(seed=cfg.run.seed)}
+    if val_ids and cfg.distill.eval_every:
+        datasets["val"] = rows(val_ids)
+    return datasets
+
+
+def fit_student(cfg: PipelineConfig, tracking: Tracking, student_uri: str, run: TrainRun,
+                reserved: float = 0.0, callbacks: list[Any] | None = None) -> DistillResult:
+    """Labels or probes made by another teacher are refused before any worker starts."""
     teacher_uri = str(cfg.stage_dir("teacher"))
     teacher_hash = policy_hash(teacher_uri)
-    labels = read_labels(cfg.labelled_uri)
-    check_teacher(labels, teacher_hash, cfg.labelled_uri)
+    probes_uri = str(cfg.stage_dir("probes"))
+    check_probes(probes_uri, teacher_hash)
     manifest = read_manifest(cfg.shards_uri)
-    train_ids, val_ids = split_episodes(manifest, cfg.data.val_fraction)
-    datasets = {"train": open_labelled(cfg.labelled_uri, episodes=train_ids).random_shuffle(seed=cfg.run.seed)}
-    if val_ids and cfg.distill.eval_every:
-        datasets["val"] = open_labelled(cfg.labelled_uri, episodes=val_ids)
-    job = StudentJob(teacher_uri=teacher_uri, teacher_hash=teacher_hash, probes_uri=str(cfg.stage_dir("probes")),
+    datasets = _datasets(cfg, manifest, teacher_hash)
+    job = StudentJob(teacher_uri=teacher_uri, teacher_hash=teacher_hash, probes_uri=probes_uri,
                      router_hidden=cfg.router.hidden, threshold=cfg.router.threshold, gate=cfg.router.gate,
                      anneal_to=cfg.router.anneal_to,
                      weights=loss_weights(cfg), train=cfg.distill.train, image_shape=tuple(manifest.image_shape),
@@ -51,11 +82,11 @@ def fit_student(cfg: PipelineConfig, tracking: Tracking, student_uri: str, name:
                            "config_digest": cfg.digest(), "normalizer": read_policy_config(teacher_uri)["normalizer"],
                            "instructions": manifest.instructions},
                      tracking=tracking, seed=cfg.run.seed,
-                     eval_every=cfg.distill.eval_every if "val" in datasets else 0)
-    metrics, checkpoint = fit(student_fn_per_worker, job, datasets, cfg.distill.train, name=name,
-                              storage_path=storage_path, local=is_local(cfg), reserved=reserved,
-                              callbacks=callbacks)
+                     eval_every=cfg.distill.eval_every if "val" in datasets else 0,
+                     teacher_mode=cfg.distill.teacher_mode,
+                     ledger_dir=run.ledger_dir if cfg.distill.train.ledger else None)
+    metrics, checkpoint = fit(student_fn_per_worker, job, datasets, cfg.distill.train, run,
+                              local=is_local(cfg), reserved=reserved, callbacks=callbacks)
     publish_policy(checkpoint, student_uri)
     return DistillResult(student_uri=student_uri, teacher_hash=teacher_hash,
                          metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-

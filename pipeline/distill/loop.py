@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,10 +24,16 @@ from pipeline.data.batches import Normalizer, to_model_batch
 from pipeline.distill.engine import close_engine, full_state_dict, make_engine
 from pipeline.distill.losses import LossWeights, distill_loss
 from pipeline.models.checkpoint import load_policy, load_probes, save_state
+from pipeline.models.graph import ProbeSet
 from pipeline.models.hf_import import load_hf_backbone
 from pipeline.models.router import TrainGate, anneal_temperature, budget_gates, forward_mode
 from pipeline.models.student import DistillModule, derive_student
 from pipeline.models.vla import VLA, VLAConfig
+
+
+# Inside every Ray checkpoint: DeepSpeed's resumable state (one shard per rank), the exported policy
+# (model.safetensors + config.json, from rank 0) and the progress (optimizer steps done, metrics).
+DEEPSPEED_DIR, PROGRESS = "deepspeed", "progress.json"
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,7 @@ class TeacherJob:
     tracking: Tracking
     seed: int
     pretrained_backbone: str | None = None
+    ledger_dir: str | None = None       # where rank r appends rank{r}.jsonl (train.ledger); None: no ledger
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,8 @@ class StudentJob:
     tracking: Tracking
     seed: int
     eval_every: int = 0          # optimizer steps between validation reports (0: none)
+    teacher_mode: str = "cached"  # cached: targets from labelled shards; online: teacher runs in the step
+    ledger_dir: str | None = None
 
 
 class _MetricLog:
@@ -78,38 +91,141 @@ class _MetricLog:
             self.client.log_metric(self.run_id, key, float(value), step=step)
 
 
-def _micro_batches(batch_size: int, count: int) -> Iterator[dict[str, np.ndarray]]:
-    """Exactly `count` micro-batches from this worker's shard, looping over epochs."""
+class _Ledger:
+    """Per rank, one line per optimizer step: a digest of the (episode_id, step) keys it trained on and the
+    worker's pid. Comparing ledgers shows whether a restarted run lost or repeated any data."""
+
+    def __init__(self, folder: str | None, rank: int) -> None:
+        self.path = Path(folder) / f"rank{rank}.jsonl" if folder else None
+        self.keys: list[str] = []
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        if self.path is not None:
+            self.keys += [f"{e}/{s}" for e, s in zip(np.asarray(batch["episode_id"]).astype(str).tolist(),
+                                                      np.asarray(batch["step"]).tolist())]
+
+    def close_step(self, step: int) -> None:
+        if self.path is None:
+            return
+        digest = hashlib.sha256("\n".join(self.keys).encode()).hexdigest()[:16]
+        line = {"step": step, "rows": len(self.keys), "digest": digest, "pid": os.getpid()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        self.keys = []
+
+
+def _micro_batches(batch_size: int, count: int, skip: int, seed: int
+                   ) -> Iterator[dict[str, np.ndarray]]:
+    """Micro-batches `skip`..`count`-1 of this worker's stream, looping over epochs.
+
+    The stream is the same on every attempt (replayable_data_config; the local shuffle is seeded by
+    epoch), so skipping the micro-batches a checkpoint already consumed resumes at the exact data
+    position: no row lost, none trained on twice."""
     shard = ray.train.get_dataset_shard("train")
-    done = 0
+    done, epoch = 0, 0
     while done < count:
         seen = 0
-        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True):
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=8 * batch_size,
+                                        local_shuffle_seed=seed * 10_000 + epoch):
             seen += 1
-            yield batch
+            if done >= skip:
+                yield batch
             done += 1
             if done == count:
                 return
         if seen == 0:
             raise ValueError(f"this worker's data shard holds fewer rows than one batch ({batch_size}); "
                              f"lower the batch_size or collect more episodes")
+        epoch += 1
 
 
 def _float_dtype(train: TrainSection) -> torch.dtype:
     return torch.bfloat16 if train.precision == "bf16" else torch.float32
 
 
-def _finish(engine: Any, export: dict[str, torch.Tensor], vla_cfg: VLAConfig, meta: dict[str, Any],
-            metrics: dict[str, float]) -> None:
-    """Rank 0 writes the exported policy into the reported checkpoint; every rank reports once."""
+def _restore(engine: Any) -> tuple[int, dict[str, float]]:
+    """Load the run's latest checkpoint (weights, optimizer, LR schedule) into the engine; returns the
+    optimizer steps it had done and the metrics it reported. (0, {}) for a fresh run."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, {}
+    with checkpoint.as_directory() as folder:
+        # DeepSpeed's loader unpickles (torch.load): these files were written by this very run into its
+        # own storage path, never taken from elsewhere.
+        engine.load_checkpoint(str(Path(folder) / DEEPSPEED_DIR), load_module_strict=True)
+        progress = json.loads((Path(folder) / PROGRESS).read_text())
+    return int(progress["step"]), dict(progress["metrics"])
+
+
+@dataclass
+class _Export:
+    """What every checkpoint carries besides the DeepSpeed state: the policy as it would be published."""
+
+    state: Callable[[], dict[str, torch.Tensor]]   # collective under ZeRO-3: every rank calls it
+    vla: VLAConfig
+    meta: dict[str, Any]
+
+
+def _checkpoint(engine: Any, step: int, export: _Export, metrics: dict[str, float]) -> None:
+    """Every rank writes its DeepSpeed shard and reports; rank 0 adds the exported policy and progress.
+    Ray merges the per-rank folders into one checkpoint and keeps the last train.keep_checkpoints."""
     rank = ray.train.get_context().get_world_rank()
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
+        engine.save_checkpoint(str(Path(tmp) / DEEPSPEED_DIR), tag=f"step{step:08d}", client_state={"step": step})
+        state = export.state()
         if rank == 0:
-            save_state(export, vla_cfg, tmp, meta)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+            save_state(state, export.vla, tmp, export.meta)
+            (Path(tmp) / PROGRESS).write_text(json.dumps({"step": step, "metrics": metrics}))
+        ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+StepFn = Callable[[dict[str, np.ndarray], int], tuple[torch.Tensor, dict[str, float]]]
+EvalFn = Callable[[int], dict[str, float]]
+
+
+def _train(engine: Any, train: TrainSection, seed: int, log: _MetricLog, ledger: _Ledger, export: _Export,
+           step_fn: StepFn, eval_fn: EvalFn | None = None, eval_every: int = 0) -> None:
+    """The optimizer-step loop both stages share: resume, accumulate, log, validate, checkpoint, finish.
+
+    `step_fn(batch, step)` returns the micro-batch loss and its scalar parts; randomness is seeded per
+    micro-batch from (seed, index), so a resumed run draws exactly what an uninterrupted one would."""
+    accum = train.grad_accum
+    step, last = _restore(engine)
+    history: list[dict[str, float]] = []
+    for micro, batch in enumerate(_micro_batches(train.batch_size, train.steps * accum, step * accum, seed),
+                                  start=step * accum):
+        torch.manual_seed(seed * 1_000_003 + micro)
+        loss, parts = step_fn(batch, step)
+        engine.backward(loss)
+        engine.step()
+        history.append(parts)
+        ledger.add(batch)
+        if (micro + 1) % accum:
+            continue
+        step += 1
+        ledger.close_step(step)
+        if step % train.log_every == 0:
+            recent = history[-train.log_every * accum:]
+            log.log({**_mean(recent, "train/"), "train/lr": engine.get_lr()[0]}, step)
+        if eval_fn is not None and eval_every and step % eval_every == 0:
+            # Every rank reports (a barrier); Tune's ASHA reads rank 0's val_action_mse.
+            ray.train.report(eval_fn(step))
+        if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.steps:
+            _checkpoint(engine, step, export, _mean(history[-max(1, len(history) // 5):], "final_"))
+    metrics = _mean(history[-max(1, len(history) // 5):], "final_") if history else last
+    metrics["optimizer_steps"] = step
+    if eval_fn is not None and eval_every:
+        # The final report carries the metric too: under Tune every result must have what ASHA ranks.
+        metrics.update(eval_fn(step))
+    _checkpoint(engine, step, export, metrics)
     close_engine(engine)
+
+
+def _mean(history: list[dict[str, float]], prefix: str) -> dict[str, float]:
+    return {f"{prefix}{k}": float(np.mean([h[k] for h in history])) for k in history[0]} if history else {}
 
 
 class _TeacherObjective(nn.Module):
@@ -131,33 +247,58 @@ def teacher_fn_per_worker(loop_config: dict[str, Any]) -> None:
         load_hf_backbone(vla, job.pretrained_backbone)
     engine, _ = make_engine(_TeacherObjective(vla), job.train)
     normalizer = Normalizer.from_dict(job.normalizer)
-    log = _MetricLog(job.tracking, ray.train.get_context().get_world_rank() == 0)
-    dtype, accum, losses = _float_dtype(job.train), job.train.grad_accum, []
-    for micro, batch in enumerate(_micro_batches(job.train.batch_size, job.train.steps * accum)):
+    rank = ray.train.get_context().get_world_rank()
+    dtype = _float_dtype(job.train)
+
+    def step_fn(batch: dict[str, np.ndarray], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         b = to_model_batch(batch, normalizer, job.image_shape)
         loss = engine(b["images"].to(dtype), b["instructions"], b["proprio"].to(dtype), b["actions"])
-        engine.backward(loss)
-        engine.step()
-        losses.append(float(loss))
-        step = (micro + 1) // accum
-        if (micro + 1) % accum == 0 and step % job.train.log_every == 0:
-            log.log({"train/action_mse": float(np.mean(losses[-job.train.log_every * accum:])),
-                     "train/lr": engine.get_lr()[0]}, step)
-    state = {k.removeprefix("vla."): v for k, v in full_state_dict(engine).items()}
-    metrics = {"final_action_mse": float(np.mean(losses[-max(1, len(losses) // 5):])),
-               "optimizer_steps": job.train.steps}
-    _finish(engine, state, job.vla, job.meta, metrics)
+        return loss, {"action_mse": float(loss)}
+
+    def state() -> dict[str, torch.Tensor]:
+        return {k.removeprefix("vla."): v for k, v in full_state_dict(engine).items()}
+
+    _train(engine, job.train, job.seed, _MetricLog(job.tracking, rank == 0), _Ledger(job.ledger_dir, rank),
+           _Export(state, job.vla, job.meta), step_fn)
 
 
 class _StudentObjective(nn.Module):
-    def __init__(self, distill: DistillModule, job: StudentJob) -> None:
+    """The stage-2 loss around the student; in online mode it also holds the frozen teacher and the
+    stage-1 probes that turn its hidden states into targets (partitioned with the student under ZeRO-3)."""
+
+    def __init__(self, distill: DistillModule, job: StudentJob, teacher: VLA | None = None,
+                 teacher_probes: ProbeSet | None = None) -> None:
         super().__init__()
         self.distill, self.job = distill, job
+        self.teacher, self.teacher_probes = teacher, teacher_probes
+        if teacher is not None and teacher_probes is not None:
+            teacher.requires_grad_(False)
+            teacher_probes.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> _StudentObjective:
+        # The targets come from the teacher in eval mode, as probe-teacher's cached labels do.
+        super().train(mode)
+        for frozen in (self.teacher, self.teacher_probes):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    @torch.no_grad()
+    def online_targets(self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """L x B x S semantics and L x B x A actions of the ungated teacher, as probe-teacher labels them."""
+        if self.teacher is None or self.teacher_probes is None:
+            raise RuntimeError("online teacher targets need the teacher and its probes in the objective")
+        out = self.teacher(images, instructions, proprio, mode="off", record=True)
+        sem, act = self.teacher_probes(out.hidden, out.token_mask)
+        return sem.float(), act.float()
 
     def forward(self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor,
-                actions: torch.Tensor, sem_t: torch.Tensor, act_t: torch.Tensor, temperature: float
-                ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+                actions: torch.Tensor, sem_t: torch.Tensor | None, act_t: torch.Tensor | None,
+                temperature: float) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         job = self.job
+        if sem_t is None or act_t is None:
+            sem_t, act_t = self.online_targets(images, instructions, proprio)
         pred, sem_s, act_s, gates = self.distill(images, instructions, proprio, forward_mode(job.gate),
                                                  job.threshold, temperature)
         loss, parts = distill_loss(pred.float(), actions, sem_s.float(), act_s.float(), sem_t, act_t,
@@ -196,43 +337,46 @@ def _val_action_mse(student: VLA, normalizer: Normalizer, job: StudentJob, dtype
     return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
 
 
+def _student_objective(job: StudentJob) -> tuple[_StudentObjective, dict[str, Any]]:
+    """Student = teacher weights + router + stage-1 probes; online mode adds frozen copies of both."""
+    teacher, teacher_meta = load_policy(job.teacher_uri)
+    probes, _ = load_probes(job.probes_uri)
+    student = derive_student(teacher, job.router_hidden)
+    if job.teacher_mode == "cached":
+        return _StudentObjective(DistillModule(student, probes), job), teacher_meta
+    frozen_probes, _ = load_probes(job.probes_uri)
+    return _StudentObjective(DistillModule(student, probes), job, teacher, frozen_probes), teacher_meta
+
+
 def student_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """Stage 2: the routed student (teacher weights + router + stage-1 probes) under the ActDistill loss."""
     job: StudentJob = loop_config["job"]
     torch.manual_seed(job.seed)
-    teacher, teacher_meta = load_policy(job.teacher_uri)
-    probes, _ = load_probes(job.probes_uri)
-    student = derive_student(teacher, job.router_hidden)
-    engine, _ = make_engine(_StudentObjective(DistillModule(student, probes), job), job.train)
+    objective, teacher_meta = _student_objective(job)
+    student_cfg = objective.distill.student.cfg
+    engine, _ = make_engine(objective, job.train)
     normalizer = Normalizer.from_dict(teacher_meta["normalizer"])
-    log = _MetricLog(job.tracking, ray.train.get_context().get_world_rank() == 0)
-    dtype, accum, layers = _float_dtype(job.train), job.train.grad_accum, student.cfg.num_layers
-    history: list[dict[str, float]] = []
-    for micro, batch in enumerate(_micro_batches(job.train.batch_size, job.train.steps * accum)):
+    rank = ray.train.get_context().get_world_rank()
+    log = _MetricLog(job.tracking, rank == 0)
+    dtype = _float_dtype(job.train)
+
+    def step_fn(batch: dict[str, np.ndarray], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         b = to_model_batch(batch, normalizer, job.image_shape)
-        sem_t, act_t = _teacher_targets(batch, job, layers)
-        temperature = anneal_temperature(micro // accum, job.train.steps, job.anneal_to) \
-            if job.gate == "annealed" else 1.0
+        sem_t, act_t = (_teacher_targets(batch, job, student_cfg.num_layers) if job.teacher_mode == "cached"
+                        else (None, None))
+        temperature = anneal_temperature(step, job.train.steps, job.anneal_to) if job.gate == "annealed" else 1.0
         loss, parts, executed = engine(b["images"].to(dtype), b["instructions"], b["proprio"].to(dtype),
                                        b["actions"], sem_t, act_t, temperature)
-        engine.backward(loss)
-        engine.step()
-        history.append({**parts, "executed_fraction": float(executed)})
-        step = (micro + 1) // accum
-        if (micro + 1) % accum == 0 and step % job.train.log_every == 0:
-            recent = history[-job.train.log_every * accum:]
-            log.log({f"train/{k}": float(np.mean([h[k] for h in recent])) for k in recent[0]}, step)
-        if job.eval_every and (micro + 1) % accum == 0 and step % job.eval_every == 0:
-            # Every rank reports (a barrier); Tune's ASHA reads rank 0's val_action_mse.
-            val = _val_action_mse(engine.module.distill.student, normalizer, job, dtype)
-            log.log({"val/action_mse": val}, step)
-            ray.train.report({"val_action_mse": val, "step": step})
-    tail = history[-max(1, len(history) // 5):]
-    metrics = {f"final_{k}": float(np.mean([h[k] for h in tail])) for k in tail[0]}
-    metrics["optimizer_steps"] = job.train.steps
-    if job.eval_every:
-        # The final report carries the metric too: under Tune every result must have what ASHA ranks.
-        metrics["val_action_mse"] = _val_action_mse(engine.module.distill.student, normalizer, job, dtype)
-    prefix = "distill.student."
-    state = {k.removeprefix(prefix): v for k, v in full_state_dict(engine).items() if k.startswith(prefix)}
-    _finish(engine, state, student.cfg, job.meta, metrics)
+        return loss, {**parts, "executed_fraction": float(executed)}
+
+    def eval_fn(step: int) -> dict[str, float]:
+        val = _val_action_mse(engine.module.distill.student, normalizer, job, dtype)
+        log.log({"val/action_mse": val}, step)
+        return {"val_action_mse": val, "step": step}
+
+    def state() -> dict[str, torch.Tensor]:
+        prefix = "distill.student."
+        return {k.removeprefix(prefix): v for k, v in full_state_dict(engine).items() if k.startswith(prefix)}
+
+    _train(engine, job.train, job.seed, log, _Ledger(job.ledger_dir, rank), _Export(state, student_cfg, job.meta),
+           step_fn, eval_fn, job.eval_every)

@@ -2,21 +2,95 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+import time
+import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 import ray.data
-from ray.train import Checkpoint, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from pipeline.config import TrainSection
+from pipeline.config import PipelineConfig, TrainSection
 from pipeline.data import storage
 from pipeline.models.checkpoint import CONFIG, WEIGHTS
 
 log = logging.getLogger(__name__)
+
+# Ray Train V2 restores a run from this file in <storage_path>/<name>: its presence is what makes a
+# name resumable (and why every fresh run gets a fresh name).
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+RUN_RECORD = "actdistill_run.json"
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """One Ray Train run: a fresh name per run; reusing a name continues that run from its last checkpoint."""
+
+    name: str
+    storage_path: Path
+    resumed: bool
+    mlflow_run_id: str | None = None     # the MLflow run a resumed run keeps logging to
+
+    @property
+    def folder(self) -> Path:
+        return self.storage_path / self.name
+
+    @property
+    def ledger_dir(self) -> str:
+        return str(self.folder / "ledger")
+
+
+def _runs_in(storage_path: Path) -> list[str]:
+    if not storage_path.is_dir():
+        return []
+    return sorted(p.name for p in storage_path.iterdir() if (p / RUN_RECORD).is_file())
+
+
+def train_run(cfg: PipelineConfig, stage: str, storage_path: Path) -> TrainRun:
+    """A fresh run, or (run.resume=NAME) the interrupted run NAME after checking it is this stage and config."""
+    storage_path = storage_path.resolve()
+    if not cfg.run.resume:
+        name = f"{cfg.run.name}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+        return TrainRun(name=name, storage_path=storage_path, resumed=False)
+    name = cfg.run.resume
+    record_path = storage_path / name / RUN_RECORD
+    if not record_path.is_file() or not (storage_path / name / RAY_SNAPSHOT).is_file():
+        runs = _runs_in(storage_path)
+        raise FileNotFoundError(f"run.resume={name!r}: no resumable run of that name in {storage_path}; "
+                                f"runs there: {', '.join(runs) or 'none'}")
+    record = json.loads(record_path.read_text())
+    if record["stage"] != stage:
+        raise ValueError(f"run.resume={name!r} is a {record['stage']} run, not {stage}; "
+                         f"resume it with `actdistill {record['stage']}`")
+    if record["config_digest"] != cfg.digest():
+        raise ValueError(f"run.resume={name!r} was started with config digest {record['config_digest']}, "
+                         f"this config has {cfg.digest()}; pass the same --config and overrides as the "
+                         f"interrupted run (run.resume aside)")
+    return TrainRun(name=name, storage_path=storage_path, resumed=True, mlflow_run_id=record["mlflow_run_id"])
+
+
+def record_run(run: TrainRun, cfg: PipelineConfig, stage: str, mlflow_run_id: str) -> None:
+    """What `--resume` checks later: the stage, the config digest and the MLflow run to continue."""
+    run.folder.mkdir(parents=True, exist_ok=True)
+    record = {"stage": stage, "config_digest": cfg.digest(), "mlflow_run_id": mlflow_run_id}
+    (run.folder / RUN_RECORD).write_text(json.dumps(record, indent=2))
+    log.info("Ray Train run %s (continue it after an interruption with --resume %s)", run.name, run.name)
+
+
+def replayable_data_config() -> DataConfig:
+    """Exact resume needs every worker to see the same rows in the same order on every attempt: with
+    Ray's defaults (unordered execution, locality-aware splitting) two runs over the same seeded shuffle
+    gave different per-worker orders; with preserve_order and no locality hints they were identical."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options, enable_shard_locality=False)
 
 
 def check_room_for_data(train: TrainSection, also_reserved: float = 0.0) -> None:
@@ -33,9 +107,12 @@ def check_room_for_data(train: TrainSection, also_reserved: float = 0.0) -> None
 
 
 def fit(train_fn: Callable[[dict[str, Any]], None], job: Any, datasets: dict[str, ray.data.Dataset],
-        train: TrainSection, name: str, storage_path: Path, local: bool, reserved: float = 0.0,
+        train: TrainSection, run: TrainRun, local: bool, reserved: float = 0.0,
         callbacks: list[Any] | None = None) -> tuple[dict[str, Any], Checkpoint]:
-    """Run `train_fn` on `train.num_workers` gloo workers; returns rank 0's metrics and its checkpoint."""
+    """Run `train_fn` on `train.num_workers` gloo workers; returns rank 0's metrics and its last checkpoint.
+
+    A worker failure restarts the whole worker group from the last checkpoint, up to train.max_failures
+    times; the last train.keep_checkpoints checkpoints stay on storage."""
     if local:
         check_room_for_data(train, also_reserved=reserved)
     trainer = TorchTrainer(
@@ -45,14 +122,33 @@ def fit(train_fn: Callable[[dict[str, Any]], None], job: Any, datasets: dict[str
                                      resources_per_worker={"CPU": train.cpus_per_worker}),
         torch_config=TorchConfig(backend="gloo"),
         datasets=datasets,
-        run_config=RunConfig(name=name, storage_path=str(storage_path.resolve()), callbacks=callbacks or []),
+        dataset_config=replayable_data_config(),
+        run_config=RunConfig(name=run.name, storage_path=str(run.storage_path), callbacks=callbacks or [],
+                             failure_config=FailureConfig(max_failures=train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints)),
     )
     result = trainer.fit()
+    _remove_unregistered_checkpoints(run)
     if result.error is not None:
-        raise RuntimeError(f"training run {name} failed: {result.error}") from result.error
+        raise RuntimeError(f"training run {run.name} failed: {result.error}; after fixing the cause, continue "
+                           f"it with --resume {run.name}") from result.error
     if result.checkpoint is None:
-        raise RuntimeError(f"training run {name} reported no checkpoint; see the worker logs above")
+        raise RuntimeError(f"training run {run.name} reported no checkpoint; see the worker logs above")
     return dict(result.metrics or {}), result.checkpoint
+
+
+def _remove_unregistered_checkpoints(run: TrainRun) -> None:
+    """A worker killed mid-report leaves a checkpoint folder Ray never registered (and so never deletes):
+    at 7B that is ~80 GB of optimizer state. Once the fit is over, remove what the snapshot does not list."""
+    snapshot = run.folder / RAY_SNAPSHOT
+    if not snapshot.is_file():
+        return
+    state = json.loads(snapshot.read_text())
+    kept = {c["checkpoint_dir_name"] for c in state.get("checkpoint_results", [])}
+    for folder in run.folder.glob("checkpoint_*"):
+        if folder.is_dir() and folder.name not in kept:
+            log.info("removing %s: a checkpoint whose report was cut short by a failure", folder)
+            shutil.rmtree(folder)
 
 
 def publish_policy(checkpoint: Checkpoint, uri: str) -> None:

@@ -25,9 +25,15 @@ def use_tracking(cfg: PipelineConfig) -> str:
 
 
 @contextmanager
-def stage_run(cfg: PipelineConfig, stage: str) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run for one stage with every config value as a param and the config as YAML."""
+def stage_run(cfg: PipelineConfig, stage: str, resume_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run for one stage with every config value as a param and the config as YAML; a resumed
+    training run (resume_run_id) keeps logging to the run it started in, whose params are already there."""
     use_tracking(cfg)
+    if resume_run_id is not None:
+        with mlflow.start_run(run_id=resume_run_id) as run:
+            mlflow.set_tag("resumed", "true")
+            yield run
+        return
     nested = mlflow.active_run() is not None
     tags = {"stage": stage, "pipeline_run": cfg.run.name, "config_digest": cfg.digest()}
     with mlflow.start_run(run_name=stage, nested=nested, tags=tags) as run:

@@ -12,6 +12,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from pipeline.config import PipelineConfig, with_overrides
 from pipeline.distill.fit_student import fit_student
 from pipeline.distill.loop import Tracking
+from pipeline.distill.trainer import TrainRun
 from pipeline.evaluate.suite import evaluate_policies
 
 # Trials hold almost no CPU themselves: their Ray Train workers and rollout tasks reserve their own.
@@ -32,7 +33,8 @@ def trial_fn_per_trial(params: dict[str, Any], base: dict[str, Any], parent_run_
         # TuneReportCallback forwards the workers' val_action_mse reports to Tune, where ASHA may stop
         # this trial between them (the fit is then interrupted and the trial has no evaluation).
         result = fit_student(cfg, Tracking(cfg.tracking_uri, run.info.run_id), str(folder / "student"),
-                             name=f"{cfg.run.name}-{trial}", storage_path=folder / "ray",
+                             TrainRun(name=f"{cfg.run.name}-{trial}", storage_path=(folder / "ray").resolve(),
+                                      resumed=False),
                              reserved=TRIAL_RESOURCES["CPU"], callbacks=[TuneReportCallback()])
         report = evaluate_policies(cfg, {"student": result.student_uri}, cfg.sweep.eval_episodes_per_task)
         block = report["policies"]["student"]

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +196,7 @@ def _train(engine: Any, train: TrainSection, seed: int, log: _MetricLog, ledger:
     accum = train.grad_accum
     step, last = _restore(engine)
     history: list[dict[str, float]] = []
+    window_start, window_rows = time.perf_counter(), 0
     for micro, batch in enumerate(_micro_batches(train.batch_size, train.steps * accum, step * accum, seed),
                                   start=step * accum):
         torch.manual_seed(seed * 1_000_003 + micro)
@@ -203,13 +205,17 @@ def _train(engine: Any, train: TrainSection, seed: int, log: _MetricLog, ledger:
         engine.step()
         history.append(parts)
         ledger.add(batch)
+        window_rows += len(batch["step"])
         if (micro + 1) % accum:
             continue
         step += 1
         ledger.close_step(step)
         if step % train.log_every == 0:
             recent = history[-train.log_every * accum:]
-            log.log({**_mean(recent, "train/"), "train/lr": engine.get_lr()[0]}, step)
+            # samples/s of this rank, data waits included: what bench/train_overhead.py compares.
+            rate = window_rows / (time.perf_counter() - window_start)
+            log.log({**_mean(recent, "train/"), "train/lr": engine.get_lr()[0], "train/samples_per_s": rate}, step)
+            window_start, window_rows = time.perf_counter(), 0
         if eval_fn is not None and eval_every and step % eval_every == 0:
             # Every rank reports (a barrier); Tune's ASHA reads rank 0's val_action_mse.
             ray.train.report(eval_fn(step))
@@ -262,7 +268,7 @@ def teacher_fn_per_worker(loop_config: dict[str, Any]) -> None:
            _Export(state, job.vla, job.meta), step_fn)
 
 
-class _StudentObjective(nn.Module):
+class StudentObjective(nn.Module):
     """The stage-2 loss around the student; in online mode it also holds the frozen teacher and the
     stage-1 probes that turn its hidden states into targets (partitioned with the student under ZeRO-3)."""
 
@@ -275,7 +281,7 @@ class _StudentObjective(nn.Module):
             teacher.requires_grad_(False)
             teacher_probes.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> _StudentObjective:
+    def train(self, mode: bool = True) -> StudentObjective:
         # The targets come from the teacher in eval mode, as probe-teacher's cached labels do.
         super().train(mode)
         for frozen in (self.teacher, self.teacher_probes):
@@ -306,7 +312,7 @@ class _StudentObjective(nn.Module):
         return loss, parts, (gates >= job.threshold).float().mean()
 
 
-def _teacher_targets(batch: dict[str, np.ndarray], job: StudentJob, layers: int
+def teacher_targets(batch: dict[str, np.ndarray], job: StudentJob, layers: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cached per-layer teacher semantics/actions of this batch, refusing another teacher's labels."""
     hashes = set(np.asarray(batch["teacher_hash"]).astype(str).tolist())
@@ -337,15 +343,15 @@ def _val_action_mse(student: VLA, normalizer: Normalizer, job: StudentJob, dtype
     return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
 
 
-def _student_objective(job: StudentJob) -> tuple[_StudentObjective, dict[str, Any]]:
+def _student_objective(job: StudentJob) -> tuple[StudentObjective, dict[str, Any]]:
     """Student = teacher weights + router + stage-1 probes; online mode adds frozen copies of both."""
     teacher, teacher_meta = load_policy(job.teacher_uri)
     probes, _ = load_probes(job.probes_uri)
     student = derive_student(teacher, job.router_hidden)
     if job.teacher_mode == "cached":
-        return _StudentObjective(DistillModule(student, probes), job), teacher_meta
+        return StudentObjective(DistillModule(student, probes), job), teacher_meta
     frozen_probes, _ = load_probes(job.probes_uri)
-    return _StudentObjective(DistillModule(student, probes), job, teacher, frozen_probes), teacher_meta
+    return StudentObjective(DistillModule(student, probes), job, teacher, frozen_probes), teacher_meta
 
 
 def student_fn_per_worker(loop_config: dict[str, Any]) -> None:
@@ -362,7 +368,7 @@ def student_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
     def step_fn(batch: dict[str, np.ndarray], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         b = to_model_batch(batch, normalizer, job.image_shape)
-        sem_t, act_t = (_teacher_targets(batch, job, student_cfg.num_layers) if job.teacher_mode == "cached"
+        sem_t, act_t = (teacher_targets(batch, job, student_cfg.num_layers) if job.teacher_mode == "cached"
                         else (None, None))
         temperature = anneal_temperature(step, job.train.steps, job.anneal_to) if job.gate == "annealed" else 1.0
         loss, parts, executed = engine(b["images"].to(dtype), b["instructions"], b["proprio"].to(dtype),

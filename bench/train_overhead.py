@@ -1,0 +1,168 @@
+"""Benchmark: distill-step throughput of a plain single-process PyTorch loop vs the Ray Train + DeepSpeed job.
+
+    MUJOCO_GL=egl .venv/bin/python bench/train_overhead.py          # writes bench/results/train_overhead.json
+
+Same model, same batch size, same rows, same loss, same torch thread count, measured in one run:
+- plain: the labelled rows pre-read into memory, then per step the worker's own work
+  (to_model_batch, cached teacher targets, StudentObjective forward, backward, torch AdamW step);
+- ray: `fit_student` with 1 Ray Train worker, exactly what `actdistill distill` runs (Ray Data streaming
+  from the labelled shards, DeepSpeed engine, checkpoint at the end); its samples/s is what the worker logs
+  to MLflow (train/samples_per_s per log window, data waits included), first window dropped as warm-up.
+Target: overhead = 1 - ray/plain <= 15%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from jobs import collect as collect_job  # noqa: E402
+from jobs import distill as distill_job  # noqa: E402
+from jobs import probe_teacher as probe_job  # noqa: E402
+from pipeline.config import PipelineConfig, load_config  # noqa: E402
+from pipeline.data.batches import Normalizer, to_model_batch  # noqa: E402
+from pipeline.data.labelled import open_labelled  # noqa: E402
+from pipeline.data.manifest import read_manifest  # noqa: E402
+from pipeline.data.shards import split_episodes  # noqa: E402
+from pipeline.distill.engine import warmup_cosine  # noqa: E402
+from pipeline.distill.fit_student import loss_weights  # noqa: E402
+from pipeline.distill.loop import StudentJob, StudentObjective, Tracking, teacher_targets  # noqa: E402
+from pipeline.models.checkpoint import load_policy, load_probes, save_policy  # noqa: E402
+from pipeline.models.student import DistillModule, derive_student  # noqa: E402
+from pipeline.models.vla import VLA, teacher_config  # noqa: E402
+
+SMOKE = REPO / "jobs" / "configs" / "smoke.yaml"
+RESULTS = REPO / "bench" / "results"
+
+# A model whose step costs tens of milliseconds, so the comparison is about per-step overhead, not Python
+# start-up: 6 decoder layers of width 128 over 64 patches + 12 words + 2 tokens.
+SIZE = ["model.hidden_size=128", "model.num_layers=6", "model.intermediate_size=384", "model.num_heads=4",
+        "model.num_kv_heads=2", "model.patch_size=8", "model.graph_width=32", "model.semantic_dim=32"]
+
+
+def bench_config(run_dir: Path, steps: int, batch: int, zero_stage: int) -> PipelineConfig:
+    return load_config(SMOKE, [f"run.run_dir={run_dir}", "collect.episodes_per_task=4", *SIZE,
+                               "probe.steps=2", f"distill.train.steps={steps}", f"distill.train.batch_size={batch}",
+                               "distill.train.num_workers=1", "distill.train.cpus_per_worker=1",
+                               f"distill.train.zero_stage={zero_stage}", "distill.train.log_every=10",
+                               "distill.eval_every=0", "run.ray_num_cpus=4"])
+
+
+def prepare(cfg: PipelineConfig) -> None:
+    """Real shards and labelled shards; the teacher is random (its weights do not change the step's cost)."""
+    manifest = collect_job.main(cfg)
+    torch.manual_seed(0)
+    teacher = VLA(teacher_config(cfg.model, manifest.image_shape, manifest.proprio_dim, manifest.action_dim))
+    save_policy(teacher, str(cfg.stage_dir("teacher")),
+                {"role": "teacher", "normalizer": Normalizer.from_manifest(manifest).to_dict(),
+                 "data_content_hash": manifest.content_hash, "instructions": manifest.instructions})
+    probe_job.main(cfg)
+
+
+def _student_job(cfg: PipelineConfig) -> StudentJob:
+    teacher_uri = str(cfg.stage_dir("teacher"))
+    _, meta = load_policy(teacher_uri)
+    manifest = read_manifest(cfg.shards_uri)
+    return StudentJob(teacher_uri=teacher_uri, teacher_hash=meta["weights_sha256_16"],
+                      probes_uri=str(cfg.stage_dir("probes")), router_hidden=cfg.router.hidden,
+                      threshold=cfg.router.threshold, gate=cfg.router.gate, anneal_to=cfg.router.anneal_to,
+                      weights=loss_weights(cfg), train=cfg.distill.train, image_shape=tuple(manifest.image_shape),
+                      meta={}, tracking=Tracking("", ""), seed=cfg.run.seed)
+
+
+def plain_throughput(cfg: PipelineConfig, warmup: int) -> dict[str, float]:
+    """samples/s of the same step in one process, rows already in memory (the ideal the job is held to)."""
+    job = _student_job(cfg)
+    manifest = read_manifest(cfg.shards_uri)
+    train_ids, _ = split_episodes(manifest, cfg.data.val_fraction)
+    rows = open_labelled(cfg.labelled_uri, episodes=train_ids).random_shuffle(seed=cfg.run.seed)
+    batches = list(rows.iter_batches(batch_size=job.train.batch_size, batch_format="numpy", drop_last=True))
+    torch.manual_seed(job.seed)
+    teacher, meta = load_policy(job.teacher_uri)
+    probes, _ = load_probes(job.probes_uri)
+    student = derive_student(teacher, job.router_hidden)
+    objective = StudentObjective(DistillModule(student, probes), job).train()
+    normalizer = Normalizer.from_dict(meta["normalizer"])
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=job.train.lr, weight_decay=job.train.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, job.train.warmup_steps, job.train.steps))
+    layers = student.cfg.num_layers
+    started, timed_rows = 0.0, 0
+    for step in range(job.train.steps):
+        batch = batches[step % len(batches)]
+        if step == warmup:
+            started = time.perf_counter()
+        b = to_model_batch(batch, normalizer, job.image_shape)
+        sem_t, act_t = teacher_targets(batch, job, layers)
+        loss, _, _ = objective(b["images"], b["instructions"], b["proprio"], b["actions"], sem_t, act_t, 1.0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, job.train.grad_clip)
+        optimizer.step()
+        schedule.step()
+        timed_rows += len(batch["step"]) if step >= warmup else 0
+    seconds = time.perf_counter() - started
+    return {"samples_per_s": timed_rows / seconds, "timed_steps": job.train.steps - warmup}
+
+
+def ray_throughput(cfg: PipelineConfig) -> dict[str, float]:
+    """samples/s the distill job's worker logged, after its first log window (warm-up: engine, first batch)."""
+    started = time.perf_counter()
+    result = distill_job.main(cfg)
+    wall = time.perf_counter() - started
+    client = MlflowClient(cfg.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+                              filter_string="tags.stage = 'distill'", order_by=["attributes.start_time DESC"])
+    history = sorted(client.get_metric_history(runs[0].info.run_id, "train/samples_per_s"), key=lambda m: m.step)
+    rates = [m.value for m in history[1:]]
+    steps = cfg.distill.train.steps
+    return {"samples_per_s": float(np.mean(rates)), "windows": len(rates), "job_wall_s": wall,
+            "end_to_end_samples_per_s": steps * cfg.distill.train.batch_size / wall,
+            "optimizer_steps": result.metrics["optimizer_steps"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per measurement")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--zero-stage", type=int, default=2, help="DeepSpeed ZeRO stage of the Ray job")
+    parser.add_argument("--out", default=str(RESULTS / "train_overhead.json"))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    # One compute thread on both sides: Ray gives a 1-CPU worker OMP_NUM_THREADS=1, and the second core is
+    # what Ray Data's reads run on.
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = bench_config(Path(tmp) / "run", args.steps, args.batch_size, args.zero_stage)
+        prepare(cfg)
+        ray_side = ray_throughput(cfg)
+        plain = plain_throughput(cfg, warmup=cfg.distill.train.log_every)
+    overhead = 1.0 - ray_side["samples_per_s"] / plain["samples_per_s"]
+    report: dict[str, Any] = {"machine": f"{os.cpu_count()} CPUs", "steps": args.steps,
+                              "batch_size": args.batch_size, "zero_stage": args.zero_stage, "plain": plain,
+                              "ray_deepspeed_1_worker": ray_side, "overhead": overhead, "target": 0.15}
+    print(f"plain PyTorch loop          {plain['samples_per_s']:8.1f} samples/s")
+    print(f"Ray Train + DeepSpeed (1 w) {ray_side['samples_per_s']:8.1f} samples/s "
+          f"(ZeRO-{args.zero_stage}; whole job incl. start-up: {ray_side['end_to_end_samples_per_s']:.1f})")
+    print(f"overhead {overhead:.1%} (target <= 15%)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,6 +28,7 @@ TOOLS: dict[str, str] = {
     "import-lerobot": "pipeline.data.lerobot",
     "stack": "pipeline.infra.stack",
     "submit": "pipeline.infra.submit",
+    "plan": "pipeline.plan",
 }
 
 

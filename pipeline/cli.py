@@ -36,15 +36,28 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="ActDistill pipeline job")
     p.add_argument("--config", required=True, help="YAML config, e.g. jobs/configs/smoke.yaml")
     p.add_argument("--space", help="sweep only: a search space YAML (same as sweep.space=FILE)")
+    p.add_argument("--resume", metavar="RUN_NAME",
+                   help="train-teacher/distill only: continue the interrupted Ray Train run RUN_NAME from its "
+                        "last checkpoint (same as run.resume=RUN_NAME); pass the run's config and overrides")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as router.budget=0.4")
     return p
 
 
-def _resolve(args: argparse.Namespace) -> PipelineConfig:
+# Only these jobs are one Ray Train run that a checkpoint can continue.
+RESUMABLE = ("train-teacher", "distill")
+
+
+def _resolve(args: argparse.Namespace, verb: str) -> PipelineConfig:
     overrides = list(args.overrides)
     if args.space:
         overrides.append(f"sweep.space={args.space}")
-    return load_config(args.config, overrides)
+    if args.resume:
+        overrides.append(f"run.resume={args.resume}")
+    cfg = load_config(args.config, overrides)
+    if cfg.run.resume and verb not in RESUMABLE:
+        raise ConfigError(f"run.resume={cfg.run.resume!r}: only {' and '.join(RESUMABLE)} runs can be resumed, "
+                          f"not {verb}; run `actdistill {RESUMABLE[-1]} --resume {cfg.run.resume} ...` instead")
+    return cfg
 
 
 def _setup_logging() -> None:
@@ -57,7 +70,7 @@ def run_cli(job_main: Callable[[PipelineConfig], Any], verb: str, argv: list[str
     _setup_logging()
     args = _parser(f"python -m jobs.{VERBS.get(verb, verb)}").parse_args(argv)
     try:
-        cfg = _resolve(args)
+        cfg = _resolve(args, verb)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

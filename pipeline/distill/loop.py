@@ -196,9 +196,11 @@ def _train(engine: Any, train: TrainSection, seed: int, log: _MetricLog, ledger:
     accum = train.grad_accum
     step, last = _restore(engine)
     history: list[dict[str, float]] = []
-    window_start, window_rows = time.perf_counter(), 0
+    window_start, window_rows, waited = time.perf_counter(), 0, 0.0
+    ready = time.perf_counter()
     for micro, batch in enumerate(_micro_batches(train.batch_size, train.steps * accum, step * accum, seed),
                                   start=step * accum):
+        waited += time.perf_counter() - ready
         torch.manual_seed(seed * 1_000_003 + micro)
         loss, parts = step_fn(batch, step)
         engine.backward(loss)
@@ -207,20 +209,25 @@ def _train(engine: Any, train: TrainSection, seed: int, log: _MetricLog, ledger:
         ledger.add(batch)
         window_rows += len(batch["step"])
         if (micro + 1) % accum:
+            ready = time.perf_counter()
             continue
         step += 1
         ledger.close_step(step)
         if step % train.log_every == 0:
             recent = history[-train.log_every * accum:]
-            # samples/s of this rank, data waits included: what bench/train_overhead.py compares.
-            rate = window_rows / (time.perf_counter() - window_start)
-            log.log({**_mean(recent, "train/"), "train/lr": engine.get_lr()[0], "train/samples_per_s": rate}, step)
-            window_start, window_rows = time.perf_counter(), 0
+            # samples/s of this rank, data waits included (what bench/train_overhead.py compares), and the
+            # share of that time spent waiting for Ray Data: above ~0.05 the input pipeline is the bottleneck.
+            elapsed = time.perf_counter() - window_start
+            log.log({**_mean(recent, "train/"), "train/lr": engine.get_lr()[0],
+                     "train/samples_per_s": window_rows / elapsed, "train/data_wait_fraction": waited / elapsed},
+                    step)
+            window_start, window_rows, waited = time.perf_counter(), 0, 0.0
         if eval_fn is not None and eval_every and step % eval_every == 0:
             # Every rank reports (a barrier); Tune's ASHA reads rank 0's val_action_mse.
             ray.train.report(eval_fn(step))
         if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.steps:
             _checkpoint(engine, step, export, _mean(history[-max(1, len(history) // 5):], "final_"))
+        ready = time.perf_counter()
     metrics = _mean(history[-max(1, len(history) // 5):], "final_") if history else last
     metrics["optimizer_steps"] = step
     if eval_fn is not None and eval_every:

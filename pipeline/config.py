@@ -103,6 +103,9 @@ class TrainSection(_Section):
                                                           "for Ray Data on 2 cores")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32 or bf16 (fp16 is refused on CPU)")
+    offload: Literal["none", "optimizer", "all"] = Field(
+        "none", description="ZeRO offload to host RAM: none, optimizer (stage >= 1) or all (optimizer and "
+                            "parameters, stage 3); `actdistill plan` says when a cluster needs it")
     log_every: int = Field(10, ge=1, description="steps between logged metrics")
     checkpoint_every: int = Field(0, ge=0, description="optimizer steps between resumable checkpoints "
                                                        "(DeepSpeed state + exported policy); 0: only at the end")
@@ -225,6 +228,11 @@ def _cross_checks(cfg: PipelineConfig) -> list[str]:
     if m.graph_width % m.graph_heads:
         problems.append(f"model.graph_width={m.graph_width}: must be divisible by model.graph_heads="
                         f"{m.graph_heads}")
+    for key, train in (("teacher", cfg.teacher), ("distill.train", cfg.distill.train)):
+        needs = {"optimizer": 1, "all": 3}.get(train.offload, 0)
+        if train.zero_stage < needs:
+            problems.append(f"{key}.offload={train.offload}: needs {key}.zero_stage >= {needs} "
+                            f"(it is {train.zero_stage}); raise the stage or set offload=none")
     if cfg.collect.image_size % m.patch_size:
         problems.append(f"model.patch_size={m.patch_size}: must divide collect.image_size="
                         f"{cfg.collect.image_size}; e.g. 8 or 16")

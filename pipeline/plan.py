@@ -368,17 +368,13 @@ def planned_deepspeed_config(train: TrainSection, option: Option, micro_batch: i
 
     samples = train.batch_size * train.grad_accum
     planned = train.model_copy(update={"zero_stage": option.stage, "precision": "bf16", "batch_size": micro_batch,
-                                       "grad_accum": samples // micro_batch})
-    ds = deepspeed_config(planned)
-    host = {"device": "cpu", "pin_memory": True}
-    if option.offload_optimizer:
-        ds["zero_optimization"]["offload_optimizer"] = dict(host)
-        # make_engine passes torch AdamW as a client optimizer; DeepSpeed refuses that with offload
-        # unless told it is intended (DeepSpeed documents DeepSpeedCPUAdam as 5-7x faster than torch's).
-        ds["zero_force_ds_cpu_optimizer"] = False
-    if option.offload_params:
-        ds["zero_optimization"]["offload_param"] = dict(host)
-    return ds
+                                       "grad_accum": samples // micro_batch, "offload": _offload_key(option)})
+    return deepspeed_config(planned)
+
+
+def _offload_key(option: Option) -> str:
+    """The train.offload value that makes deepspeed_config offload what this option offloads."""
+    return "all" if option.offload_params else "optimizer" if option.offload_optimizer else "none"
 
 
 def check_deepspeed_config(ds: dict[str, Any]) -> None:
@@ -537,9 +533,8 @@ def _render_verdict(plan: Plan, out: Path | None) -> list[str]:
     lines = [f"FITS{mode}: {choice.option.name} at micro-batch {micro} x {samples // micro} "
              f"accumulation steps per GPU ({samples * c.gpus} samples per optimizer step)",
              f"  overrides: {section}.zero_stage={choice.option.stage} {section}.precision=bf16 "
-             f"{section}.num_workers={c.gpus} {section}.batch_size={micro} {section}.grad_accum={samples // micro}"]
-    if choice.option.offload_optimizer:
-        lines.append("  offload: not a config key yet; the DeepSpeed JSON carries it (see infra/README.md)")
+             f"{section}.num_workers={c.gpus} {section}.batch_size={micro} {section}.grad_accum={samples // micro}"
+             + (f" {section}.offload={_offload_key(choice.option)}" if choice.option.offload_optimizer else "")]
     if out is not None:
         lines.append(f"  DeepSpeed config: {out}")
     return lines

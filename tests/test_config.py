@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, load_config, with_overrides
+from pipeline.distill.engine import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "jobs" / "configs" / "smoke.yaml"
@@ -67,3 +68,13 @@ def test_a_job_with_a_bad_config_fails_before_any_ray_work(tmp_path, entry):
     assert "Ray" not in proc.stdout + proc.stderr.split("problem(s)")[0]
     assert not (tmp_path / "run").exists()      # nothing was written: no Ray, no MLflow store
     assert time.perf_counter() - started < 60
+
+
+def test_offload_needs_a_zero_stage_that_can_offload():
+    with pytest.raises(ConfigError, match=r"distill.train.offload=all: needs distill.train.zero_stage >= 3"):
+        load_config(SMOKE, ["distill.train.offload=all", "distill.train.zero_stage=2"])
+    with pytest.raises(ConfigError, match=r"teacher.offload=optimizer: needs teacher.zero_stage >= 1"):
+        load_config(SMOKE, ["teacher.offload=optimizer", "teacher.zero_stage=0"])
+    ds = deepspeed_config(load_config(SMOKE, ["distill.train.offload=optimizer"]).distill.train)
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert "offload_param" not in ds["zero_optimization"] and ds["zero_force_ds_cpu_optimizer"] is False

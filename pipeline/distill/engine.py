@@ -16,17 +16,28 @@ from pipeline.config import TrainSection
 
 def deepspeed_config(train: TrainSection) -> dict[str, Any]:
     """The DeepSpeed JSON config for one job (also what `plan` writes for a cluster)."""
-    return {
+    zero: dict[str, Any] = {"stage": train.zero_stage}
+    host = {"device": "cpu", "pin_memory": True}
+    if train.offload in ("optimizer", "all"):
+        zero["offload_optimizer"] = dict(host)
+    if train.offload == "all":
+        zero["offload_param"] = dict(host)
+    config = {
         "train_micro_batch_size_per_gpu": train.batch_size,
         "gradient_accumulation_steps": train.grad_accum,
         "gradient_clipping": train.grad_clip,
-        "zero_optimization": {"stage": train.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": train.precision == "bf16"},
         # torch AdamW is a client optimizer: no JIT-compiled FusedAdam/CPUAdam (45-70 s first use).
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if train.offload != "none":
+        # DeepSpeed refuses a client optimizer under offload unless told it is intended (its own
+        # DeepSpeedCPUAdam is documented as 5-7x faster than torch's AdamW on the CPU side).
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:

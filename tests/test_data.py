@@ -3,6 +3,7 @@
 import dataclasses
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from ray.data.dataset import MaterializedDataset
 
 from pipeline.config import CollectSection
+from pipeline.data import ingest
 from pipeline.data.batches import Normalizer, to_model_batch
 from pipeline.data.manifest import read_manifest, verify_hash
 from pipeline.data.shards import open_shards, split_episodes, write_shards
@@ -161,6 +164,26 @@ def test_open_shards_to_model_batch(shard_dir, ray_local):
     restored = Normalizer.from_dict(norm.to_dict())
     np.testing.assert_allclose(restored.denorm_action(batch["actions"]).numpy(),
                                norm.denorm_action(batch["actions"]).numpy())
+
+
+def test_small_folders_are_read_once_and_cached(shard_dir, ray_local, tmp_path, monkeypatch):
+    folder, manifest = shard_dir
+    shutil.copytree(folder, tmp_path / "copy")
+    cached = open_shards(str(tmp_path / "copy"), manifest)
+    streamed = open_shards(str(tmp_path / "copy"), manifest, cache=False)
+    monkeypatch.setattr(ingest, "CACHE_FRACTION", 0.0)  # as if the object store were too small for the folder
+    too_big = open_shards(str(tmp_path / "copy"), manifest)
+    assert isinstance(cached, MaterializedDataset)
+    assert not isinstance(streamed, MaterializedDataset) and not isinstance(too_big, MaterializedDataset)
+
+    def keys(ds):
+        return sorted((r["episode_id"], int(r["step"])) for r in ds.take_all())
+
+    assert keys(cached) == keys(streamed) == keys(too_big) and len(keys(cached)) == 4 * STEPS
+    # Later passes over cached rows never touch storage again: they outlive the folder.
+    shutil.rmtree(tmp_path / "copy")
+    for _ in range(2):
+        assert sum(len(b["step"]) for b in cached.iter_batches(batch_size=32, batch_format="numpy")) == 4 * STEPS
 
 
 def test_missing_column_is_named(shard_dir, tmp_path):

@@ -192,3 +192,63 @@ def test_unreachable_s3_is_retried_then_named(monkeypatch):
                              r"after 3 attempts"):
         read_manifest("s3://actdistill/shards")
     assert time.perf_counter() - started < 20
+
+
+def stage_config(folder, tmp_path, policy="error"):
+    return load_config(None, [f"run.run_dir={tmp_path / 'run'}", f"data.shards_uri={folder}",
+                              f"data.on_bad_rows={policy}"])
+
+
+def poison_action(folder, manifest):
+    """Row 3 of shard 0 gets a NaN action; the manifest is re-hashed so only the row is bad."""
+    def poison(a):
+        a[3, 1] = np.nan
+        return a
+
+    rewrite(folder / "shard-00000.parquet", "action", poison)
+    return rehash(folder, manifest)
+
+
+def test_probe_teacher_refuses_a_bad_shard_before_loading_the_teacher(copy, ray_local, tmp_path):
+    from jobs import probe_teacher
+
+    folder, manifest = copy
+    poison_action(folder, manifest)
+    with pytest.raises(ShardError, match=r"shard-00000\.parquet row 3 \(episode reach-v3/s000000, step 3\): "
+                                         r"action holds NaN.*data\.on_bad_rows=skip"):
+        probe_teacher.main(stage_config(folder, tmp_path))
+    path = folder / "shard-00001.parquet"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ShardError, match=r"shard-00001\.parquet is not a readable Parquet file.*truncated"):
+        probe_teacher.main(stage_config(folder, tmp_path, "skip"))  # a broken file: skip cannot help
+
+
+def test_evaluate_refuses_a_bad_shard_before_any_rollout(copy, ray_local, tmp_path):
+    from jobs import evaluate
+
+    folder, manifest = copy
+    poison_action(folder, manifest)
+    # No teacher or student exists: the job must stop at the data, before it needs a policy.
+    with pytest.raises(ShardError, match=r"shard-00000\.parquet row 3 .*action holds NaN"):
+        evaluate.main(stage_config(folder, tmp_path))
+
+
+def test_a_stored_report_is_reused_only_while_the_shards_are_unchanged(copy, tmp_path, caplog):
+    folder, manifest = copy
+    manifest = poison_action(folder, manifest)
+    reports = tmp_path / "validation"
+    with caplog.at_level(logging.INFO, logger="pipeline.data.validate"):
+        first = validate_shards(str(folder), manifest, "skip", cache_dir=reports)
+        assert "not read again" not in caplog.text and len(list(reports.iterdir())) == 1
+        again = validate_shards(str(folder), manifest, "skip", cache_dir=reports)
+    assert again == first and "not read again" in caplog.text and "skipping 1 bad row(s) of 30" in caplog.text
+    # The stored report holds the bad row, so a stage with on_bad_rows=error still refuses the folder.
+    with pytest.raises(ShardError, match=r"shard-00000\.parquet row 3 .*action holds NaN"):
+        validate_shards(str(folder), manifest, "error", cache_dir=reports)
+    # Same size, same manifest, different bytes: the shard is read again and the mismatch found.
+    path = folder / "shard-00001.parquet"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"content_hash is .* the shards were modified"):
+        validate_shards(str(folder), manifest, "skip", cache_dir=reports)

@@ -10,6 +10,7 @@ import ray.data
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.data import storage
+from pipeline.data.ingest import cache_rows, cached_blocks, in_memory_bytes, read_footers, read_parquet
 from pipeline.data.shards import filter_rows
 
 LABELS_FILE = "labels.json"
@@ -54,14 +55,20 @@ def check_teacher(labels: Labels, teacher_hash: str, uri: str) -> None:
                          f"targets match the teacher")
 
 
-def open_labelled(uri: str, episodes: set[str] | None = None) -> ray.data.Dataset:
-    """Labelled rows (optionally only some episodes); missing label columns are an error."""
-    fs, path = storage.resolve(uri)
-    ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
-    missing = [c for c in LABEL_COLUMNS if c not in ds.schema().names]
-    if missing:
-        raise ValueError(f"{uri}: labelled shards lack column(s) {missing}; re-run `actdistill probe-teacher`")
+def open_labelled(uri: str, episodes: set[str] | None = None, cache: bool | None = None) -> ray.data.Dataset:
+    """Labelled rows (optionally only some episodes); missing label columns are an error. Cached in the object
+    store when they fit, like open_shards (see pipeline.data.ingest)."""
+    files = storage.list_files(uri, suffix=".parquet")
+    if not files:
+        raise FileNotFoundError(f"{uri} holds no labelled shards (*.parquet); run `actdistill probe-teacher` first")
+    footers = read_footers(files, f"re-run `actdistill probe-teacher` to re-create {uri}")
+    for file, footer in zip(files, footers):
+        missing = [c for c in LABEL_COLUMNS if c not in footer.schema.to_arrow_schema().names]
+        if missing:
+            raise ValueError(f"{file}: labelled shards lack column(s) {missing}; re-run `actdistill probe-teacher`")
+    blocks = cached_blocks(in_memory_bytes(footers), uri, cache)
+    ds = read_parquet(files, uri, blocks)
     if episodes is not None:
         ds = ds.map_batches(filter_rows, batch_format="pyarrow", zero_copy_batch=True,
                             fn_kwargs={"keep": pa.array(sorted(episodes), pa.string()), "skip": None})
-    return ds
+    return cache_rows(ds, blocks, uri)

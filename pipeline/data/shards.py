@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.data import storage
+from pipeline.data.ingest import cache_rows, cached_blocks, in_memory_bytes, read_footers, read_parquet
 from pipeline.data.manifest import EpisodeEntry, Manifest, Stats, read_manifest, write_manifest
 from pipeline.sim.metaworld_env import Episode
 
@@ -176,24 +177,16 @@ def shard_files(uri: str, manifest: Manifest) -> list[str]:
     return [storage.resolve(storage.join(uri, name))[1] for name in manifest.shards]
 
 
-def check_columns(uri: str, manifest: Manifest) -> None:
-    """Read each shard's footer and name the first file lacking a required column."""
-    for name in manifest.shards:
-        fs, path = storage.resolve(storage.join(uri, name))
-        try:
-            with storage.reaching(uri):
-                present = set(pq.read_schema(path, filesystem=fs).names)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{storage.join(uri, name)} is listed in the manifest but missing; "
-                                    f"re-run `actdistill collect` for {uri}") from None
-        except pa.ArrowInvalid as exc:
-            raise ValueError(f"{storage.join(uri, name)} is not a readable Parquet file ({exc}); it was "
-                             f"probably truncated by an interrupted copy. Restore it or re-run "
-                             f"`actdistill collect` for {uri}") from None
-        missing = [c for c in REQUIRED_COLUMNS if c not in present]
+def check_columns(uri: str, manifest: Manifest) -> list[pq.FileMetaData]:
+    """Read each shard's footer and name the first file lacking a required column; returns the footers."""
+    fix = f"re-run `actdistill collect` for {uri}"
+    footers = read_footers(shard_files(uri, manifest), fix)
+    for name, footer in zip(manifest.shards, footers):
+        missing = [c for c in REQUIRED_COLUMNS if c not in footer.schema.to_arrow_schema().names]
         if missing:
             raise ValueError(f"{storage.join(uri, name)} lacks column(s) {missing}; shards need "
                              f"{list(REQUIRED_COLUMNS)}. Re-run `actdistill collect` for {uri}")
+    return footers
 
 
 def filter_rows(batch: pa.Table, keep: pa.Array | None, skip: pa.Array | None) -> pa.Table:
@@ -212,17 +205,17 @@ def filter_rows(batch: pa.Table, keep: pa.Array | None, skip: pa.Array | None) -
 
 
 def open_shards(uri: str, manifest: Manifest | None = None, episodes: set[str] | None = None,
-                skip_rows: Collection[tuple[str, int]] | None = None) -> ray.data.Dataset:
+                skip_rows: Collection[tuple[str, int]] | None = None, cache: bool | None = None
+                ) -> ray.data.Dataset:
     """A Ray Dataset over a shard folder, optionally only the rows of the given episode ids and
-    without the (episode_id, step) rows validation reported as bad (ValidationReport.skip_rows)."""
-    import ray.data
+    without the (episode_id, step) rows validation reported as bad (ValidationReport.skip_rows).
 
+    The rows are read once and cached in the object store when they fit (cache=None decides by size, see
+    pipeline.data.ingest), so each further pass over them costs no re-read; cache=False always streams.
+    """
     manifest = manifest or read_manifest(uri)
-    check_columns(uri, manifest)
-    fs, _ = storage.resolve(uri)
-    paths = [storage.resolve(f)[1] for f in shard_files(uri, manifest)]
-    with storage.reaching(uri):
-        ds = ray.data.read_parquet(paths, filesystem=fs)
+    blocks = cached_blocks(in_memory_bytes(check_columns(uri, manifest)), uri, cache)
+    ds = read_parquet(shard_files(uri, manifest), uri, blocks)
     keep = pa.array(sorted(episodes), pa.string()) if episodes is not None else None
     skip = pa.array(sorted(row_key(e, s) for e, s in skip_rows), pa.string()) if skip_rows is not None else None
     if skip is not None:
@@ -230,7 +223,7 @@ def open_shards(uri: str, manifest: Manifest | None = None, episodes: set[str] |
     if keep is not None or skip is not None:
         ds = ds.map_batches(filter_rows, batch_format="pyarrow", fn_kwargs={"keep": keep, "skip": skip},
                             zero_copy_batch=True)
-    return ds
+    return cache_rows(ds, blocks, uri)
 
 
 def split_episodes(manifest: Manifest, val_fraction: float) -> tuple[set[str], set[str]]:

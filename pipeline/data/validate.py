@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Literal, get_args
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.data import storage
@@ -180,16 +184,38 @@ def _shards_in_order(uri: str, names: list[str]) -> Iterator[tuple[str, bytes, p
                 yield name, data, table
 
 
-def validate_shards(uri: str, manifest: Manifest, on_bad_rows: BadRowPolicy = "error") -> ValidationReport:
+def validate_shards(uri: str, manifest: Manifest, on_bad_rows: BadRowPolicy = "error",
+                    cache_dir: str | Path | None = None) -> ValidationReport:
     """Check every shard of a folder against its manifest before training reads it.
 
     Raises ShardError for a missing or unreadable (truncated) file, a missing column, a vector column of
     the wrong fixed size or type, or shards whose bytes do not hash to manifest.content_hash. Bad rows
     (null cells, lists of the wrong length, NaN/inf in actions or proprio) raise naming file and row with
     on_bad_rows="error"; with "skip" they are counted, logged and returned for open_shards to leave out.
+
+    With cache_dir (a run's folder for reports), a folder already validated there is not read again while
+    its manifest and every shard's size and modification stamp are unchanged; the policy acts on the stored
+    report just as on a fresh one, so every stage raises or logs the same.
     """
     if on_bad_rows not in get_args(BadRowPolicy):
         raise ValueError(f"on_bad_rows={on_bad_rows!r}; choose from {list(get_args(BadRowPolicy))}")
+    report = _validate(uri, manifest) if cache_dir is None else _validate_once(uri, manifest, cache_dir)
+    _act_on_bad_rows(report, on_bad_rows)
+    return report
+
+
+def _validate_once(uri: str, manifest: Manifest, cache_dir: str | Path) -> ValidationReport:
+    """The report stored in cache_dir for this exact folder state, else a fresh one (then stored)."""
+    stamp = _folder_stamp(uri, manifest)
+    report = _load_report(cache_dir, manifest, stamp)
+    if report is None:
+        report = _validate(uri, manifest)
+        _save_report(cache_dir, manifest, stamp, report)
+    return report
+
+
+def _validate(uri: str, manifest: Manifest) -> ValidationReport:
+    """Read and check every shard; file-level problems raise, bad rows are returned."""
     digest, bad, num_rows = hashlib.sha256(), [], 0
     # Sorted names: the content hash is defined over the shards' bytes in that order.
     for name, data, table in _shards_in_order(uri, sorted(manifest.shards)):
@@ -201,8 +227,58 @@ def validate_shards(uri: str, manifest: Manifest, on_bad_rows: BadRowPolicy = "e
         raise ShardError(f"{manifest_uri(uri)}: content_hash is {manifest.content_hash} but the shards hash to "
                          f"{digest.hexdigest()}; the shards were modified or replaced after the manifest was "
                          f"written. Restore the original shards or re-create the folder")
-    report = ValidationReport(uri=uri, num_shards=len(manifest.shards), num_rows=num_rows, bad_rows=tuple(bad))
-    _act_on_bad_rows(report, on_bad_rows)
+    return ValidationReport(uri=uri, num_shards=len(manifest.shards), num_rows=num_rows, bad_rows=tuple(bad))
+
+
+def _folder_stamp(uri: str, manifest: Manifest) -> str:
+    """A digest of what a stored report vouches for: the folder, the manifest's content hash and each shard's
+    size and modification stamps. Any rewrite, truncation or replacement of a shard changes it. Local files
+    add ctime and inode (a copy keeping mtime, cp -p or rsync -a, still changes those); S3 gives size and
+    LastModified, which the server sets on every upload (to the second)."""
+    fs, folder = storage.resolve(uri)
+    names = sorted(manifest.shards)
+    if isinstance(fs, pafs.LocalFileSystem):
+        stamps = [_local_stamp(os.path.join(folder, name)) for name in names]
+    else:
+        with storage.reaching(uri):  # one listing call instead of a request per shard
+            infos = {i.base_name: i for i in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))}
+        stamps = [f"{infos[n].size} {infos[n].mtime_ns}" if n in infos else "missing" for n in names]
+    text = "\n".join([uri, manifest.content_hash, *(f"{n} {s}" for n, s in zip(names, stamps))])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _local_stamp(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "missing"
+    return f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino}"
+
+
+def _report_uri(cache_dir: str | Path, manifest: Manifest, stamp: str) -> str:
+    return storage.join(str(cache_dir), f"shards-{manifest.content_hash[:16]}-{stamp[:16]}.json")
+
+
+def _save_report(cache_dir: str | Path, manifest: Manifest, stamp: str, report: ValidationReport) -> None:
+    data: dict[str, Any] = {"stamp": stamp, **asdict(report)}
+    storage.write_bytes(_report_uri(cache_dir, manifest, stamp), json.dumps(data).encode())
+
+
+def _load_report(cache_dir: str | Path, manifest: Manifest, stamp: str) -> ValidationReport | None:
+    """The stored report for exactly this folder state, or None (absent, unreadable or for another state)."""
+    path = _report_uri(cache_dir, manifest, stamp)
+    if not storage.exists(path):
+        return None
+    try:
+        data = json.loads(storage.read_bytes(path))
+        if data.pop("stamp") != stamp:
+            return None
+        bad = tuple(BadRow(**b) for b in data.pop("bad_rows"))
+        report = ValidationReport(bad_rows=bad, **data)
+    except (ValueError, KeyError, TypeError) as exc:  # a half-written or foreign file: validate again
+        log.warning("ignoring unreadable validation report %s (%s)", path, exc)
+        return None
+    log.info("%s: shards unchanged since validated (%s); not read again", report.uri, path)
     return report
 
 

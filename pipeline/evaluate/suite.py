@@ -12,6 +12,7 @@ from pipeline.config import PipelineConfig
 from pipeline.data.batches import fixed_column
 from pipeline.data.manifest import read_manifest
 from pipeline.data.shards import open_shards, split_episodes
+from pipeline.data.validate import validate_shards
 from pipeline.evaluate.flops import policy_flops
 from pipeline.evaluate.metrics import action_error, wilson_interval
 from pipeline.evaluate.policy import Policy
@@ -69,6 +70,9 @@ def _policy_block(name: str, policy: Policy, results: list, offline: dict[str, f
 def evaluate_policies(cfg: PipelineConfig, uris: dict[str, str], episodes_per_task: int) -> dict[str, Any]:
     """A report dict: one block per policy, plus student/teacher ratios when both are present."""
     manifest = read_manifest(cfg.shards_uri)
+    # Before minutes of rollouts: a bad shard stops here naming file, row and fix (or, with
+    # data.on_bad_rows=skip, its rows leave the held-out set, counted); reused from earlier stages of the run.
+    report = validate_shards(cfg.shards_uri, manifest, cfg.data.on_bad_rows, cache_dir=cfg.stage_dir("validation"))
     _, val_ids = split_episodes(manifest, cfg.data.val_fraction)
     image_shape = tuple(manifest.image_shape)
     seeds = [cfg.evaluate.seed + i for i in range(episodes_per_task)]
@@ -76,7 +80,7 @@ def evaluate_policies(cfg: PipelineConfig, uris: dict[str, str], episodes_per_ta
                               cfg.evaluate.max_steps)
     policies = {name: Policy(uri) for name, uri in uris.items()}
     # Read once: the held-out rows serve the action error (an error if there are none) and the latency sample.
-    heldout = open_shards(cfg.shards_uri, manifest, episodes=val_ids).materialize()
+    heldout = open_shards(cfg.shards_uri, manifest, episodes=val_ids, skip_rows=report.skip_rows).materialize()
     offline = {name: action_error(p, heldout, image_shape) for name, p in policies.items()}
     lat = paired_latency(policies, _sample_row(heldout, image_shape, manifest.proprio_dim), cfg.evaluate.latency_calls)
     report: dict[str, Any] = {

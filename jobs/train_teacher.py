@@ -31,7 +31,7 @@ class TeacherResult:
 def main(cfg: PipelineConfig) -> TeacherResult:
     start_ray(cfg)
     manifest = read_manifest(cfg.shards_uri)
-    report = validate_shards(cfg.shards_uri, manifest, cfg.data.on_bad_rows)
+    report = validate_shards(cfg.shards_uri, manifest, cfg.data.on_bad_rows, cache_dir=cfg.stage_dir("validation"))
     train_ids, _ = split_episodes(manifest, cfg.data.val_fraction)
     data = open_shards(cfg.shards_uri, manifest, episodes=train_ids,
                        skip_rows=report.skip_rows).random_shuffle(seed=cfg.run.seed)

@@ -24,6 +24,7 @@ from pipeline.distill.probing import new_probes
 from pipeline.distill.trainer import train_run
 from pipeline.models.checkpoint import save_policy, save_probes
 from pipeline.models.vla import VLA, teacher_config
+from pipeline.ray_runtime import start_ray
 from pipeline.sim.metaworld_env import run_expert_episode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,11 +83,13 @@ def _committed_step(run_folder):
     return int(latest.get("metrics", {}).get("step", 0))
 
 
-def _kill_after_checkpoint(run_dir, rank, timeout=600):
+def _kill_after_checkpoint(run_dir, rank, job, outcome, timeout=600):
     """Once a checkpoint is registered, wait for `rank` to run 2 more steps, then SIGKILL that worker
     process. Returns the step it had finished."""
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if not job.is_alive():
+            raise AssertionError(f"the run ended before a worker could be killed: {outcome}")
         for ledger in (Path(run_dir) / "ray").glob(f"*/ledger/rank{rank}.jsonl"):
             committed = _committed_step(ledger.parent.parent)
             lines = ledger.read_text().splitlines()
@@ -133,9 +136,9 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_with_no_step_lost_or_r
     ref_file, ref_over = _config_file(tmp_path, tmp_path / "reference", shards, train)
     kill_file, kill_over = _config_file(tmp_path, tmp_path / "killed", shards, train)
 
-    teacher_job.main(load_config(ref_file, ref_over))
+    teacher_job.main(load_config(ref_file, ref_over))          # also starts Ray in this (main) thread
     thread, outcome = _in_thread(lambda: teacher_job.main(load_config(kill_file, kill_over)))
-    killed_at = _kill_after_checkpoint(tmp_path / "killed", rank=1)
+    killed_at = _kill_after_checkpoint(tmp_path / "killed", rank=1, job=thread, outcome=outcome)
     thread.join(timeout=900)
     assert "error" not in outcome, outcome.get("error")
 
@@ -170,7 +173,7 @@ def _teacher_and_probes(cfg):
 
 
 def test_an_interrupted_zero3_online_distill_continues_with_resume(shards, tmp_path):
-    steps, every = 24, 6
+    steps, every = 60, 6
     train = _train("distill.train", dict(steps=steps, batch_size=8, checkpoint_every=every, ledger="true",
                                          max_failures=0, zero_stage=3, log_every=6))
     config, overrides = _config_file(tmp_path, tmp_path / "run", shards,
@@ -178,8 +181,10 @@ def test_an_interrupted_zero3_online_distill_continues_with_resume(shards, tmp_p
     cfg = load_config(config, overrides)
     _teacher_and_probes(cfg)
 
+    # Ray's head processes die with the thread that started them (parent-death signal): start it here.
+    start_ray(cfg)
     thread, outcome = _in_thread(lambda: distill_job.main(cfg))
-    _kill_after_checkpoint(tmp_path / "run", rank=0)
+    _kill_after_checkpoint(tmp_path / "run", rank=0, job=thread, outcome=outcome)
     thread.join(timeout=900)
     assert "failed" in str(outcome.get("error")) and "--resume" in str(outcome.get("error"))
     name = _only_run(tmp_path / "run").name

@@ -54,7 +54,8 @@ def _datasets(cfg: PipelineConfig, manifest: Manifest, teacher_hash: str) -> dic
         def rows(ids: set[str]) -> ray.data.Dataset:
             return open_labelled(cfg.labelled_uri, episodes=ids)
     else:
-        report = validate_shards(cfg.shards_uri, manifest, cfg.data.on_bad_rows)
+        report = validate_shards(cfg.shards_uri, manifest, cfg.data.on_bad_rows,
+                                 cache_dir=cfg.stage_dir("validation"))
 
         def rows(ids: set[str]) -> ray.data.Dataset:
             return open_shards(cfg.shards_uri, manifest, episodes=ids, skip_rows=report.skip_rows)

@@ -14,6 +14,7 @@ from typing import Any
 
 import ray
 import ray.data
+import ray.train
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -127,11 +128,15 @@ def fit(train_fn: Callable[[dict[str, Any]], None], job: Any, datasets: dict[str
                              failure_config=FailureConfig(max_failures=train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+        error = result.error
+    except ray.train.TrainingFailedError as exc:   # Ray 2.60 raises where older releases returned it
+        error = exc
     _remove_unregistered_checkpoints(run)
-    if result.error is not None:
-        raise RuntimeError(f"training run {run.name} failed: {result.error}; after fixing the cause, continue "
-                           f"it with --resume {run.name}") from result.error
+    if error is not None:
+        raise RuntimeError(f"training run {run.name} failed: {error}\nafter fixing the cause, continue it "
+                           f"with --resume {run.name}") from error
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run.name} reported no checkpoint; see the worker logs above")
     return dict(result.metrics or {}), result.checkpoint

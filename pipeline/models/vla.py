@@ -7,7 +7,7 @@ student carries a router that decides which decoder layers run for each input.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -56,8 +56,10 @@ def tokenize(instructions: list[str], vocab_size: int, max_len: int) -> tuple[to
     return ids, (ids != 0).long()
 
 
-@dataclass
-class VLAOutput:
+class VLAOutput(NamedTuple):
+    """A named tuple, not a dataclass: ZeRO-3's module hooks only see tensors inside tuples, lists and
+    dicts, and with a dataclass output they released the weights that backward still needed."""
+
     actions: torch.Tensor                 # B x action_dim (normalised units)
     gates: torch.Tensor | None            # B x L router output, None for a teacher
     executed: torch.Tensor                # B x L, 1 where the layer ran

@@ -123,7 +123,10 @@ def _micro_batches(batch_size: int, count: int, skip: int, seed: int
 
     The stream is the same on every attempt (replayable_data_config; the local shuffle is seeded by
     epoch), so skipping the micro-batches a checkpoint already consumed resumes at the exact data
-    position: no row lost, none trained on twice."""
+    position: no row lost, none trained on twice. Skipping re-reads those rows without computing on them;
+    a very long run would rather skip whole epochs."""
+    if skip >= count:   # a finished run resumed: nothing left to train on
+        return
     shard = ray.train.get_dataset_shard("train")
     done, epoch = 0, 0
     while done < count:

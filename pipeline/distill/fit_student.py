@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +16,7 @@ from pipeline.data.validate import validate_shards
 from pipeline.distill.loop import StudentJob, Tracking, student_fn_per_worker
 from pipeline.distill.losses import LossWeights
 from pipeline.distill.trainer import TrainRun, fit, publish_policy
-from pipeline.models.checkpoint import PROBES_CONFIG, policy_hash, read_policy_config
+from pipeline.models.checkpoint import PROBES_CONFIG, policy_hash, read_policy_config, read_probes_config
 from pipeline.ray_runtime import is_local
 
 
@@ -36,12 +35,10 @@ def loss_weights(cfg: PipelineConfig) -> LossWeights:
 
 def check_probes(probes_uri: str, teacher_hash: str) -> None:
     """The stage-1 probes are the student's heads and, online, the teacher's labellers: same teacher only."""
-    path = storage.join(probes_uri, PROBES_CONFIG)
-    if not storage.exists(path):
-        raise FileNotFoundError(f"{path} not found; run `actdistill probe-teacher` first")
-    made_by = json.loads(storage.read_bytes(path)).get("teacher_hash")
+    made_by = read_probes_config(probes_uri).get("teacher_hash")
     if made_by != teacher_hash:
-        raise ValueError(f"{path}: the probes were trained on teacher {made_by}, but the teacher checkpoint "
+        raise ValueError(f"{storage.join(probes_uri, PROBES_CONFIG)}: the probes were trained on teacher "
+                         f"{made_by}, but the teacher checkpoint "
                          f"is {teacher_hash}; re-run `actdistill probe-teacher` for this teacher")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -229,9 +230,9 @@ def _train(engine: Any, train: TrainSection, seed: int, log: _MetricLog, ledger:
             # Every rank reports (a barrier); Tune's ASHA reads rank 0's val_action_mse.
             ray.train.report(eval_fn(step))
         if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.steps:
-            _checkpoint(engine, step, export, _mean(history[-max(1, len(history) // 5):], "final_"))
+            _checkpoint(engine, step, export, _final(history))
         ready = time.perf_counter()
-    metrics = _mean(history[-max(1, len(history) // 5):], "final_") if history else last
+    metrics = _final(history) if history else last
     metrics["optimizer_steps"] = step
     if eval_fn is not None and eval_every:
         # The final report carries the metric too: under Tune every result must have what ASHA ranks.
@@ -242,6 +243,11 @@ def _train(engine: Any, train: TrainSection, seed: int, log: _MetricLog, ledger:
 
 def _mean(history: list[dict[str, float]], prefix: str) -> dict[str, float]:
     return {f"{prefix}{k}": float(np.mean([h[k] for h in history])) for k in history[0]} if history else {}
+
+
+def _final(history: list[dict[str, float]]) -> dict[str, float]:
+    """final_* metrics: the mean over the last fifth of the micro-batches trained so far."""
+    return _mean(history[-max(1, len(history) // 5):], "final_")
 
 
 class _TeacherObjective(nn.Module):
@@ -360,8 +366,8 @@ def _student_objective(job: StudentJob) -> tuple[StudentObjective, dict[str, Any
     student = derive_student(teacher, job.router_hidden)
     if job.teacher_mode == "cached":
         return StudentObjective(DistillModule(student, probes), job), teacher_meta
-    frozen_probes, _ = load_probes(job.probes_uri)
-    return StudentObjective(DistillModule(student, probes), job, teacher, frozen_probes), teacher_meta
+    # The frozen copy is taken before training touches the student's probes: the labellers of stage 1.
+    return StudentObjective(DistillModule(student, probes), job, teacher, copy.deepcopy(probes)), teacher_meta
 
 
 def student_fn_per_worker(loop_config: dict[str, Any]) -> None:

@@ -68,11 +68,16 @@ def save_probes(probes: ProbeSet, uri: str, meta: dict[str, Any]) -> None:
     storage.write_bytes(storage.join(uri, PROBES_CONFIG), json.dumps({"dims": probes.dims, **meta}).encode())
 
 
-def load_probes(uri: str) -> tuple[ProbeSet, dict[str, Any]]:
+def read_probes_config(uri: str) -> dict[str, Any]:
+    """probes.json: the probe dims and the hash of the teacher they were trained on."""
     path = storage.join(uri, PROBES_CONFIG)
     if not storage.exists(path):
         raise FileNotFoundError(f"{path} not found; run `actdistill probe-teacher` first")
-    meta = json.loads(storage.read_bytes(path))
+    return json.loads(storage.read_bytes(path))
+
+
+def load_probes(uri: str) -> tuple[ProbeSet, dict[str, Any]]:
+    meta = read_probes_config(uri)
     probes = ProbeSet(**meta["dims"])
     probes.load_state_dict(load(storage.read_bytes(storage.join(uri, PROBES))), strict=True)
     return probes, meta

@@ -82,6 +82,8 @@ class ModelSection(_Section):
     num_kv_heads: int = Field(4, ge=1, description="key/value heads, dividing num_heads")
     intermediate_size: int = Field(128, ge=8, description="MLP width, e.g. 4 x hidden_size")
     patch_size: int = Field(16, ge=2, description="vision patch size in pixels, dividing collect.image_size")
+    vision_stem: Literal["patch", "mlp"] = Field(
+        "patch", description="patch (one strided conv) or mlp (4x4 patches -> 64 channels -> GELU -> patch_size)")
     vocab_size: int = Field(512, ge=16, description="hashed instruction-word buckets, e.g. 512")
     max_instruction_tokens: int = Field(12, ge=1, description="instruction tokens kept, e.g. 12")
     graph_width: int = Field(32, ge=4, description="graph extractor width (projection of the hidden size)")
@@ -107,6 +109,8 @@ class TrainSection(_Section):
         "none", description="ZeRO offload to host RAM: none, optimizer (stage >= 1) or all (optimizer and "
                             "parameters, stage 3); `actdistill plan` says when a cluster needs it")
     log_every: int = Field(10, ge=1, description="steps between logged metrics")
+    augment_shift: int = Field(0, ge=0, le=16, description="random-shift augmentation of training images: pad "
+                                                           "by this many pixels and crop back at random, 0 for none")
     checkpoint_every: int = Field(0, ge=0, description="optimizer steps between resumable checkpoints "
                                                        "(DeepSpeed state + exported policy); 0: only at the end")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on storage (oldest deleted), e.g. 2")
@@ -130,6 +134,9 @@ class RouterSection(_Section):
     anneal_to: float = Field(0.05, gt=0.0, le=1.0,
                              description="final gate temperature when gate=annealed (1 -> this), e.g. 0.05")
     hidden: int = Field(32, ge=4, description="router feature width, e.g. 32")
+    static_layers: list[int] | None = Field(
+        None, description="instead of a learned router, always run these decoder layers (0-based): the static "
+                          "layer-dropping baseline of bench/headline.py, e.g. [1, 3, 5, 7]; null for a router")
 
 
 class DistillSection(_Section):
@@ -141,6 +148,10 @@ class DistillSection(_Section):
     balance_weight: float = Field(0.0, ge=0, description="weight of the per-layer balance term, >= 0")
     eval_every: int = Field(20, ge=0, description="optimizer steps between held-out action-error reports "
                                                   "(what ASHA reads); 0 for none")
+    objective: Literal["actdistill", "action_regression"] = Field(
+        "actdistill", description="actdistill (graph-structured per-layer alignment, METHOD.md) or "
+                                  "action_regression (ablation: only the final action, regressed to the expert's "
+                                  "and the teacher's, plus the budget term)")
     teacher_mode: Literal["cached", "online"] = Field(
         "cached", description="cached (teacher targets from probe-teacher's labelled shards) or online (the "
                               "frozen teacher runs inside each step; partitioned with the student under ZeRO-3)")
@@ -152,6 +163,9 @@ class EvaluateSection(_Section):
     seed: int = Field(10_000, ge=0, description="first evaluation seed, apart from collect seeds")
     max_steps: int = Field(150, ge=1, le=500, description="step limit per evaluation episode")
     latency_calls: int = Field(30, ge=3, description="batch-1 policy calls timed per policy")
+    num_workers: int = Field(2, ge=1, description="Ray rollout actors (1 CPU each), e.g. the number of cores")
+    envs_per_worker: int = Field(8, ge=1, description="environments each actor steps in lockstep; one batched "
+                                                      "policy call per step serves them all, e.g. 8")
 
 
 class SweepSection(_Section):
@@ -233,9 +247,21 @@ def _cross_checks(cfg: PipelineConfig) -> list[str]:
         if train.zero_stage < needs:
             problems.append(f"{key}.offload={train.offload}: needs {key}.zero_stage >= {needs} "
                             f"(it is {train.zero_stage}); raise the stage or set offload=none")
+    static = cfg.router.static_layers
+    if static is not None and (not static or len(set(static)) != len(static)
+                               or not all(0 <= i < m.num_layers for i in static)):
+        problems.append(f"router.static_layers={static}: needs distinct layer indices in [0, {m.num_layers - 1}] "
+                        f"(model.num_layers={m.num_layers}), e.g. [1, 3, 5, 7]; or null for a learned router")
+    if cfg.distill.train.augment_shift:
+        problems.append(f"distill.train.augment_shift={cfg.distill.train.augment_shift}: augmentation applies to "
+                        f"teacher training only (cached teacher targets belong to the unshifted images); "
+                        f"set it to 0 and use teacher.augment_shift")
     if cfg.collect.image_size % m.patch_size:
         problems.append(f"model.patch_size={m.patch_size}: must divide collect.image_size="
                         f"{cfg.collect.image_size}; e.g. 8 or 16")
+    if m.vision_stem == "mlp" and m.patch_size % 4:
+        problems.append(f"model.patch_size={m.patch_size}: model.vision_stem=mlp needs a multiple of 4 "
+                        f"(it patchifies 4x4 pixels first); e.g. 8 or 16, or model.vision_stem=patch")
     return problems
 
 

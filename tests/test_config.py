@@ -78,3 +78,17 @@ def test_offload_needs_a_zero_stage_that_can_offload():
     ds = deepspeed_config(load_config(SMOKE, ["distill.train.offload=optimizer"]).distill.train)
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert "offload_param" not in ds["zero_optimization"] and ds["zero_force_ds_cpu_optimizer"] is False
+
+
+def test_demo_config_and_ablation_keys_are_checked():
+    cfg = load_config(REPO / "jobs/configs/demo.yaml")
+    assert cfg.model.vision_stem == "mlp" and len(cfg.collect.tasks) >= 6 and cfg.evaluate.episodes_per_task >= 20
+    with pytest.raises(ConfigError) as err:
+        load_config(SMOKE, ["router.static_layers=[0,9]", "distill.train.augment_shift=4",
+                            "model.vision_stem=mlp", "model.patch_size=6", "collect.image_size=60"])
+    message = str(err.value)
+    assert "router.static_layers=[0, 9]: needs distinct layer indices in [0, 3]" in message
+    assert "distill.train.augment_shift=4: augmentation applies to teacher training only" in message
+    assert "model.vision_stem=mlp needs a multiple of 4" in message
+    ok = load_config(SMOKE, ["router.static_layers=[1,3]", "distill.objective=action_regression"])
+    assert ok.router.static_layers == [1, 3] and ok.distill.objective == "action_regression"

@@ -36,10 +36,12 @@ def _job(teacher_hash):
 def test_rows_are_matched_to_their_own_targets_and_foreign_rows_refused():
     batch = {"teacher_hash": np.array(["aaaa", "aaaa"]),
              "teacher_sem": np.arange(12, dtype=np.float32).reshape(2, 6),   # 2 layers x 3
-             "teacher_act": np.arange(16, dtype=np.float32).reshape(2, 8)}   # 2 layers x 4
-    sem, act = teacher_targets(batch, _job("aaaa"), layers=2)
-    assert sem.shape == (2, 2, 3) and act.shape == (2, 2, 4)
+             "teacher_act": np.arange(16, dtype=np.float32).reshape(2, 8),   # 2 layers x 4
+             "teacher_action": np.arange(8, dtype=np.float32).reshape(2, 4)}
+    sem, act, action = teacher_targets(batch, _job("aaaa"), layers=2)
+    assert sem.shape == (2, 2, 3) and act.shape == (2, 2, 4) and action.shape == (2, 4)
     assert sem[1, 0].tolist() == [3.0, 4.0, 5.0]        # layer 1 of row 0
+    assert action[1].tolist() == [4.0, 5.0, 6.0, 7.0]   # row 1's own teacher action
     batch["teacher_hash"] = np.array(["aaaa", "zzzz"])
     with pytest.raises(ValueError, match="zzzz"):
         teacher_targets(batch, _job("aaaa"), layers=2)
@@ -55,7 +57,8 @@ def ray_local():
 def _labelled_file(path, episode, rows, columns=LABEL_COLUMNS):
     data = {"episode_id": [episode] * rows, "step": list(range(rows)), "teacher_hash": ["aaaa"] * rows,
             "teacher_sem": np.ones((rows, 6), np.float32).tolist(),
-            "teacher_act": np.ones((rows, 8), np.float32).tolist()}
+            "teacher_act": np.ones((rows, 8), np.float32).tolist(),
+            "teacher_action": np.ones((rows, 4), np.float32).tolist()}
     pq.write_table(pa.table({c: data[c] for c in columns}), path)
 
 
@@ -75,5 +78,5 @@ def test_labelled_folder_without_labels_or_columns_is_refused(tmp_path, ray_loca
         open_labelled(str(tmp_path))
     _labelled_file(tmp_path / "a.parquet", "e/a", 2, columns=LABEL_COLUMNS[:3])
     with pytest.raises(ValueError, match=r"a\.parquet: labelled shards lack column\(s\) "
-                                         r"\['teacher_sem', 'teacher_act'\]"):
+                                         r"\['teacher_sem', 'teacher_act', 'teacher_action'\]"):
         open_labelled(str(tmp_path))

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.distill.losses import (LossWeights, action_loss, align_loss, balance_loss, budget_loss,
                                      distill_loss, layer_weights, struct_loss)
@@ -58,3 +59,16 @@ def test_total_loss_composes_the_terms_with_their_weights():
                                        + 1.3 * action_loss(act_s[l], gt, act_t[l], act_s[l - 1] if l else None))
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
     assert parts["total"] == pytest.approx(total.item())
+
+
+def test_regression_loss_is_expert_plus_teacher_action_error_plus_budget():
+    from pipeline.distill.losses import regression_loss
+
+    g = torch.Generator().manual_seed(1)
+    actions, gt, teacher = (torch.randn(6, 4, generator=g) for _ in range(3))
+    gates = torch.rand(6, 5, generator=g)
+    w = LossWeights(budget=0.4, budget_weight=2.0)
+    total, parts = regression_loss(actions, gt, teacher, gates, w)
+    expected = F.mse_loss(actions, gt) + F.mse_loss(actions, teacher) + 2.0 * (gates.mean() - 0.4) ** 2
+    torch.testing.assert_close(total, expected)
+    assert set(parts) == {"task", "teacher_action", "budget", "total"}   # no per-layer terms

@@ -134,3 +134,40 @@ def test_flops_are_linear_in_executed_layers_and_match_a_hand_count():
     full, half = policy_flops(cfg, 3.0), policy_flops(cfg, 1.5)
     assert full["backbone"] == 3 * hand and half["backbone"] == 1.5 * hand
     assert full["total"] - half["total"] == pytest.approx(1.5 * hand)
+
+
+def test_mlp_stem_is_two_strided_convs_with_a_gelu_and_its_flops_are_counted_exactly():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.models.vla import PatchMLP
+
+    stem = PatchMLP(d=32, patch_size=16)
+    images = torch.rand(2, 3, 64, 64)
+    conv1 = torch.nn.Conv2d(3, 64, 4, stride=4)
+    conv2 = torch.nn.Conv2d(64, 32, 4, stride=4)
+    with torch.no_grad():   # the same weights, laid out as conv kernels (channels-major patches)
+        conv1.weight.copy_(stem.stage1.weight.view(64, 3, 4, 4))
+        conv1.bias.copy_(stem.stage1.bias)
+        conv2.weight.copy_(stem.stage2.weight.view(32, 64, 4, 4))
+        conv2.bias.copy_(stem.stage2.bias)
+        torch.testing.assert_close(stem(images), conv2(torch.nn.functional.gelu(conv1(images))),
+                                   atol=1e-5, rtol=1e-5)
+    cfg = tiny().model_copy(update={"image_size": 64, "patch_size": 16, "vision_stem": "mlp"})
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        VLA(cfg).patch(images[:1])
+    assert policy_flops(cfg, 0.0)["vision"] == counter.get_total_flops()
+    with pytest.raises(ValueError, match="patch_size divisible by 4"):
+        PatchMLP(d=32, patch_size=6)
+
+
+def test_static_layers_run_exactly_those_layers_for_every_row_and_cost_no_router_flops():
+    teacher = VLA(tiny(layers=4)).eval()
+    student = derive_student(teacher, router_hidden=16, static_layers=(1, 3)).eval()
+    assert student.cfg.router_hidden is None and student.cfg.static_layers == (1, 3)
+    student.gate_state.calls.clear()
+    with torch.no_grad():
+        out = student(*inputs(batch=5), mode="hard")
+    assert out.executed.tolist() == [[0.0, 1.0, 0.0, 1.0]] * 5
+    assert student.gate_state.calls == [5, 5]             # two layer calls, each on the whole batch
+    flops = policy_flops(student.cfg, 2.0, student.cfg.router_hidden)
+    assert flops["router"] == 0.0 and flops["backbone"] == 2 * decoder_layer_flops(student.cfg)

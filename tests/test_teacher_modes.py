@@ -53,9 +53,13 @@ def test_online_targets_are_the_cached_labels(stages):
     assert not objective.teacher.training and objective.distill.training
 
     b = to_model_batch(rows, Normalizer.from_dict(STATS), (32, 32, 3))
-    sem, act = objective.online_targets(b["images"], b["instructions"], b["proprio"])   # L x B x *
+    sem, act, action = objective.online_targets(b["images"], b["instructions"], b["proprio"])   # L x B x *
     np.testing.assert_allclose(sem.transpose(0, 1).reshape(6, -1).numpy(), labelled["teacher_sem"], atol=1e-5)
     np.testing.assert_allclose(act.transpose(0, 1).reshape(6, -1).numpy(), labelled["teacher_act"], atol=1e-5)
+    np.testing.assert_allclose(action.numpy(), labelled["teacher_action"], atol=1e-5)
+    with torch.no_grad():   # the teacher's own output, as deployed
+        deployed = teacher(b["images"], b["instructions"], b["proprio"]).actions
+    np.testing.assert_allclose(labelled["teacher_action"], deployed.numpy(), atol=1e-5)
     assert not any(p.requires_grad for p in objective.teacher.parameters())
 
 

@@ -14,7 +14,7 @@ from pipeline.data.ingest import cache_rows, cached_blocks, in_memory_bytes, rea
 from pipeline.data.shards import filter_rows
 
 LABELS_FILE = "labels.json"
-LABEL_COLUMNS = ("episode_id", "step", "teacher_hash", "teacher_sem", "teacher_act")
+LABEL_COLUMNS = ("episode_id", "step", "teacher_hash", "teacher_sem", "teacher_act", "teacher_action")
 
 
 class Labels(BaseModel):

@@ -82,7 +82,9 @@ def fit_student(cfg: PipelineConfig, tracking: Tracking, student_uri: str, run: 
                      tracking=tracking, seed=cfg.run.seed,
                      eval_every=cfg.distill.eval_every if "val" in datasets else 0,
                      teacher_mode=cfg.distill.teacher_mode,
-                     ledger_dir=run.ledger_dir if cfg.distill.train.ledger else None)
+                     ledger_dir=run.ledger_dir if cfg.distill.train.ledger else None,
+                     objective=cfg.distill.objective,
+                     static_layers=tuple(cfg.router.static_layers) if cfg.router.static_layers else None)
     metrics, checkpoint = fit(student_fn_per_worker, job, datasets, cfg.distill.train, run,
                               local=is_local(cfg), reserved=reserved, callbacks=callbacks)
     publish_policy(checkpoint, student_uri)

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import ray.train
@@ -22,9 +22,10 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from pipeline.config import TrainSection
+from pipeline.data.augment import random_shift
 from pipeline.data.batches import Normalizer, to_model_batch
 from pipeline.distill.engine import close_engine, full_state_dict, make_engine
-from pipeline.distill.losses import LossWeights, distill_loss
+from pipeline.distill.losses import LossWeights, distill_loss, regression_loss
 from pipeline.models.checkpoint import load_policy, load_probes, save_state
 from pipeline.models.graph import ProbeSet
 from pipeline.models.hf_import import load_hf_backbone
@@ -77,6 +78,8 @@ class StudentJob:
     eval_every: int = 0          # optimizer steps between validation reports (0: none)
     teacher_mode: str = "cached"  # cached: targets from labelled shards; online: teacher runs in the step
     ledger_dir: str | None = None
+    objective: str = "actdistill"  # or action_regression (ablation: no graph supervision)
+    static_layers: tuple[int, ...] | None = None  # a fixed layer subset instead of a router (ablation)
 
 
 class _MetricLog:
@@ -274,7 +277,8 @@ def teacher_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
     def step_fn(batch: dict[str, np.ndarray], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         b = to_model_batch(batch, normalizer, job.image_shape)
-        loss = engine(b["images"].to(dtype), b["instructions"], b["proprio"].to(dtype), b["actions"])
+        images = random_shift(b["images"], job.train.augment_shift)  # seeded per micro-batch by _train
+        loss = engine(images.to(dtype), b["instructions"], b["proprio"].to(dtype), b["actions"])
         return loss, {"action_mse": float(loss)}
 
     def state() -> dict[str, torch.Tensor]:
@@ -282,6 +286,14 @@ def teacher_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
     _train(engine, job.train, job.seed, _MetricLog(job.tracking, rank == 0), _Ledger(job.ledger_dir, rank),
            _Export(state, job.vla, job.meta), step_fn)
+
+
+class TeacherTargets(NamedTuple):
+    """What the ungated teacher says about a batch (normalised units): cached labels or computed online."""
+
+    sem: torch.Tensor       # L x B x S per-layer semantics (stage-1 probes on the teacher's hidden states)
+    act: torch.Tensor       # L x B x A per-layer actions of the same probes
+    action: torch.Tensor    # B x A the teacher's own action
 
 
 class StudentObjective(nn.Module):
@@ -307,30 +319,38 @@ class StudentObjective(nn.Module):
 
     @torch.no_grad()
     def online_targets(self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """L x B x S semantics and L x B x A actions of the ungated teacher, as probe-teacher labels them."""
+                       ) -> TeacherTargets:
+        """The ungated teacher's targets for this batch, as probe-teacher labels them."""
         if self.teacher is None or self.teacher_probes is None:
             raise RuntimeError("online teacher targets need the teacher and its probes in the objective")
         out = self.teacher(images, instructions, proprio, mode="off", record=True)
         sem, act = self.teacher_probes(out.hidden, out.token_mask)
-        return sem.float(), act.float()
+        return TeacherTargets(sem.float(), act.float(), out.actions.float())
 
     def forward(self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor,
-                actions: torch.Tensor, sem_t: torch.Tensor | None, act_t: torch.Tensor | None,
+                actions: torch.Tensor, targets: TeacherTargets | None,
                 temperature: float) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         job = self.job
-        if sem_t is None or act_t is None:
-            sem_t, act_t = self.online_targets(images, instructions, proprio)
-        pred, sem_s, act_s, gates = self.distill(images, instructions, proprio, forward_mode(job.gate),
-                                                 job.threshold, temperature)
-        loss, parts = distill_loss(pred.float(), actions, sem_s.float(), act_s.float(), sem_t, act_t,
-                                   budget_gates(gates, job.gate, job.threshold).float(), job.weights)
+        if targets is None:
+            targets = self.online_targets(images, instructions, proprio)
+        mode = forward_mode(job.gate)
+        if job.objective == "action_regression":
+            out = self.distill.student(images, instructions, proprio, mode=mode, threshold=job.threshold,
+                                       temperature=temperature)
+            gates = out.gates
+            loss, parts = regression_loss(out.actions.float(), actions, targets.action,
+                                          budget_gates(gates, job.gate, job.threshold).float(), job.weights)
+        else:
+            pred, sem_s, act_s, gates = self.distill(images, instructions, proprio, mode, job.threshold,
+                                                     temperature)
+            loss, parts = distill_loss(pred.float(), actions, sem_s.float(), act_s.float(), targets.sem,
+                                       targets.act, budget_gates(gates, job.gate, job.threshold).float(),
+                                       job.weights)
         return loss, parts, (gates >= job.threshold).float().mean()
 
 
-def teacher_targets(batch: dict[str, np.ndarray], job: StudentJob, layers: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cached per-layer teacher semantics/actions of this batch, refusing another teacher's labels."""
+def teacher_targets(batch: dict[str, np.ndarray], job: StudentJob, layers: int) -> TeacherTargets:
+    """Cached teacher targets of this batch, refusing another teacher's labels."""
     hashes = set(np.asarray(batch["teacher_hash"]).astype(str).tolist())
     if hashes != {job.teacher_hash}:
         raise ValueError(f"labelled rows were made by teacher(s) {sorted(hashes)}, but distillation uses "
@@ -338,7 +358,8 @@ def teacher_targets(batch: dict[str, np.ndarray], job: StudentJob, layers: int
     batch_size = len(batch["teacher_hash"])
     sem = torch.as_tensor(np.asarray(batch["teacher_sem"], dtype=np.float32)).view(batch_size, layers, -1)
     act = torch.as_tensor(np.asarray(batch["teacher_act"], dtype=np.float32)).view(batch_size, layers, -1)
-    return sem.transpose(0, 1), act.transpose(0, 1)
+    action = torch.as_tensor(np.asarray(batch["teacher_action"], dtype=np.float32)).view(batch_size, -1)
+    return TeacherTargets(sem.transpose(0, 1), act.transpose(0, 1), action)
 
 
 @torch.no_grad()
@@ -363,7 +384,9 @@ def _student_objective(job: StudentJob) -> tuple[StudentObjective, dict[str, Any
     """Student = teacher weights + router + stage-1 probes; online mode adds frozen copies of both."""
     teacher, teacher_meta = load_policy(job.teacher_uri)
     probes, _ = load_probes(job.probes_uri)
-    student = derive_student(teacher, job.router_hidden)
+    student = derive_student(teacher, job.router_hidden, job.static_layers)
+    if job.objective == "action_regression":
+        probes.requires_grad_(False)   # no per-layer terms: the probes get no gradient and are not exported
     if job.teacher_mode == "cached":
         return StudentObjective(DistillModule(student, probes), job), teacher_meta
     # The frozen copy is taken before training touches the student's probes: the labellers of stage 1.
@@ -384,11 +407,10 @@ def student_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
     def step_fn(batch: dict[str, np.ndarray], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         b = to_model_batch(batch, normalizer, job.image_shape)
-        sem_t, act_t = (teacher_targets(batch, job, student_cfg.num_layers) if job.teacher_mode == "cached"
-                        else (None, None))
+        targets = teacher_targets(batch, job, student_cfg.num_layers) if job.teacher_mode == "cached" else None
         temperature = anneal_temperature(step, job.train.steps, job.anneal_to) if job.gate == "annealed" else 1.0
         loss, parts, executed = engine(b["images"].to(dtype), b["instructions"], b["proprio"].to(dtype),
-                                       b["actions"], sem_t, act_t, temperature)
+                                       b["actions"], targets, temperature)
         return loss, {**parts, "executed_fraction": float(executed)}
 
     def eval_fn(step: int) -> dict[str, float]:

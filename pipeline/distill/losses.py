@@ -82,9 +82,31 @@ def distill_loss(actions: torch.Tensor, a_gt: torch.Tensor, sem_s: torch.Tensor,
         parts["align"] += float(align.detach()) / num_layers
         parts["struct"] += float(struct.detach()) / num_layers
         parts["act"] += float(act.detach()) / num_layers
-    budget = budget_loss(gates, w.budget)
-    total = task + layered + w.budget_weight * budget
-    if w.balance_weight > 0:
-        total = total + w.balance_weight * balance_loss(gates)
+    router, budget = _router_terms(gates, w)
+    total = task + layered + router
     parts.update(task=float(task.detach()), budget=float(budget.detach()), total=float(total.detach()))
     return total, parts
+
+
+def regression_loss(actions: torch.Tensor, a_gt: torch.Tensor, a_teacher: torch.Tensor, gates: torch.Tensor,
+                    w: LossWeights) -> tuple[torch.Tensor, dict[str, float]]:
+    """The no-graph-supervision ablation: L = MSE(a, a_gt) + MSE(a, a_teacher) + budget (+ balance).
+
+    The student's final action only, against the expert's and the ungated teacher's: plain action
+    distillation with the same router and budget as distill_loss, none of the per-layer terms.
+    """
+    task = F.mse_loss(actions, a_gt)
+    teacher = F.mse_loss(actions, a_teacher)
+    router, budget = _router_terms(gates, w)
+    total = task + teacher + router
+    return total, {"task": float(task.detach()), "teacher_action": float(teacher.detach()),
+                   "budget": float(budget.detach()), "total": float(total.detach())}
+
+
+def _router_terms(gates: torch.Tensor, w: LossWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """budget_weight * budget (+ balance_weight * balance), and the budget term alone for logging."""
+    budget = budget_loss(gates, w.budget)
+    total = w.budget_weight * budget
+    if w.balance_weight > 0:
+        total = total + w.balance_weight * balance_loss(gates)
+    return total, budget

@@ -29,9 +29,10 @@ def new_probes(teacher: VLA, model: ModelSection) -> ProbeSet:
 
 
 @torch.no_grad()
-def _teacher_hidden(teacher: VLA, b: dict[str, Any]) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _teacher_hidden(teacher: VLA, b: dict[str, Any]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Per-layer hidden states, token mask and the action of the ungated teacher."""
     out = teacher(b["images"], b["instructions"], b["proprio"], mode="off", record=True)
-    return out.hidden, out.token_mask
+    return out.hidden, out.token_mask, out.actions
 
 
 def fit_probes(teacher: VLA, probes: ProbeSet, data: ray.data.Dataset, cfg: ProbeSection,
@@ -57,7 +58,7 @@ def fit_probes(teacher: VLA, probes: ProbeSet, data: ray.data.Dataset, cfg: Prob
 
 
 def _probe_step(teacher: VLA, probes: ProbeSet, optimizer: torch.optim.Optimizer, b: dict[str, Any]) -> float:
-    hidden, mask = _teacher_hidden(teacher, b)
+    hidden, mask, _ = _teacher_hidden(teacher, b)
     _, actions = probes(hidden, mask)                       # L x B x A
     loss = F.mse_loss(actions, b["actions"].expand_as(actions))
     optimizer.zero_grad(set_to_none=True)
@@ -67,7 +68,8 @@ def _probe_step(teacher: VLA, probes: ProbeSet, optimizer: torch.optim.Optimizer
 
 
 class TeacherLabeler:
-    """Ray Data map_batches callable: adds teacher_hash, teacher_sem (L*S) and teacher_act (L*A) per row."""
+    """Ray Data map_batches callable: adds teacher_hash, teacher_sem (L*S), teacher_act (L*A) and
+    teacher_action (A, the teacher's own output) per row."""
 
     def __init__(self, teacher_uri: str, probes_uri: str, teacher_hash: str,
                  image_shape: tuple[int, int, int]) -> None:
@@ -81,14 +83,15 @@ class TeacherLabeler:
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         b = to_model_batch(batch, self.normalizer, self.image_shape)
-        hidden, mask = _teacher_hidden(self.teacher, b)
+        hidden, mask, action = _teacher_hidden(self.teacher, b)
         sem, act = self.probes(hidden, mask)                # L x B x S, L x B x A
         rows = len(b["instructions"])
         out = dict(batch)
         out["teacher_hash"] = np.full(rows, self.teacher_hash)
         out["teacher_sem"] = sem.transpose(0, 1).reshape(rows, -1).numpy().astype(np.float32)
         out["teacher_act"] = act.transpose(0, 1).reshape(rows, -1).numpy().astype(np.float32)
-        if not (np.isfinite(out["teacher_sem"]).all() and np.isfinite(out["teacher_act"]).all()):
+        out["teacher_action"] = action.numpy().astype(np.float32)
+        if not all(np.isfinite(out[k]).all() for k in ("teacher_sem", "teacher_act", "teacher_action")):
             raise FloatingPointError("teacher labels contain NaN/inf; the teacher or probes are broken")
         return out
 

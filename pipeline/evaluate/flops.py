@@ -6,7 +6,7 @@ is every matrix product, so the count is linear in the number of decoder layers 
 
 from __future__ import annotations
 
-from pipeline.models.vla import VLAConfig
+from pipeline.models.vla import STEM_FIRST, STEM_WIDTH, VLAConfig
 
 
 def decoder_layer_flops(cfg: VLAConfig) -> int:
@@ -23,6 +23,11 @@ def policy_flops(cfg: VLAConfig, executed_layers: float, router_hidden: int | No
     """FLOPs of one batch-1 call running `executed_layers` decoder layers (a mean for routed students)."""
     d, p = cfg.hidden_size, cfg.patch_size
     vision = 2 * cfg.num_patches * (3 * p * p) * d
+    if cfg.vision_stem == "mlp":
+        # PatchMLP: 4x4 pixel patches -> 64 channels, then (p/4)^2 of those -> d per patch.
+        first, width = STEM_FIRST, STEM_WIDTH
+        vision = 2 * (cfg.image_size // first) ** 2 * (3 * first * first) * width \
+            + 2 * cfg.num_patches * width * (p // first) ** 2 * d
     proprio = 2 * (cfg.proprio_dim * d + d * d)
     backbone = executed_layers * decoder_layer_flops(cfg)
     head = 2 * (d * d + d * cfg.action_dim)

@@ -19,7 +19,7 @@ class Policy:
         self.routed = self.model.router is not None
         # A teacher runs every layer; a routed student runs only the layers its gates open.
         self.mode = "hard" if self.routed else "off"
-        self.executed: list[np.ndarray] = []   # per call: B x L executed-layer flags
+        self.last_executed: np.ndarray | None = None   # B x L executed-layer flags of the last call
 
     @property
     def num_layers(self) -> int:
@@ -27,21 +27,12 @@ class Policy:
 
     @torch.no_grad()
     def act(self, images: np.ndarray, instructions: list[str], proprio: np.ndarray) -> np.ndarray:
-        """images B x H x W x 3 uint8, proprio B x P (raw units) -> actions B x A (raw units)."""
+        """images B x H x W x 3 uint8, proprio B x P (raw units) -> actions B x A (raw units).
+
+        Rows are independent: a routed student runs each layer only on the rows whose gate opened it,
+        so a batch across environments costs what its rows' layers cost."""
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2) / 255.0
         p = self.normalizer.norm_proprio(torch.from_numpy(np.asarray(proprio, dtype=np.float32)))
         out = self.model(x, list(instructions), p, mode=self.mode, threshold=self.threshold)
-        self.executed.append(out.executed.numpy().copy())
+        self.last_executed = out.executed.numpy().copy()
         return self.normalizer.denorm_action(out.actions).numpy()
-
-    def executed_fraction(self) -> float:
-        """Mean fraction of decoder layers run per call so far (1.0 for a teacher)."""
-        if not self.executed:
-            return 1.0
-        return float(np.concatenate(self.executed).mean())
-
-    def layer_frequency(self) -> list[float]:
-        """Per-layer execution frequency over the calls so far."""
-        if not self.executed:
-            return [1.0] * self.num_layers
-        return np.concatenate(self.executed).mean(0).tolist()

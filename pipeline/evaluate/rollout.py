@@ -1,9 +1,17 @@
-"""Closed-loop Meta-World episodes for several policies on the same seeds, one Ray task per task name."""
+"""Closed-loop Meta-World episodes for several policies on the same seeds, run by a pool of Ray actors.
+
+Each actor loads every policy once and steps `envs_per_worker` environments in lockstep: one batched
+policy call per step serves all of them (the per-call overhead of the model is paid once per batch, not
+once per environment). Finished episodes stream back one by one, so the driver's progress bar counts
+episodes, not chunks.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import numpy as np
 import ray
@@ -11,6 +19,13 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EpisodeSpec:
+    policy: str
+    task: str
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -24,56 +39,106 @@ class EpisodeResult:
     layer_frequency: list[float]
 
 
-def _episode(policy: "object", task: str, seed: int, image_size: int, camera: str, max_steps: int
-             ) -> tuple[bool, int]:
-    from pipeline.sim.metaworld_env import SimEnv
+@dataclass
+class _Running:
+    """One environment in flight: its episode, the last observation, and the layers run so far."""
 
-    env = SimEnv(task, seed, image_size, camera)
-    try:
-        obs = env.reset()
-        for step in range(max_steps):
-            action = policy.act(obs.image[None], [env.instruction], obs.proprio[None])[0]
-            obs, success = env.step(action)
-            if success:
-                return True, step + 1
-        return False, max_steps
-    finally:
-        env.close()
+    spec: EpisodeSpec
+    env: Any
+    obs: Any
+    steps: int = 0
+    executed: list[np.ndarray] = field(default_factory=list)
+
+    def result(self, success: bool) -> EpisodeResult:
+        flags = np.stack(self.executed) if self.executed else np.ones((1, 1))
+        return EpisodeResult(self.spec.policy, self.spec.task, self.spec.seed, success, self.steps,
+                             float(flags.mean()), flags.mean(0).tolist())
 
 
 @ray.remote(num_cpus=1)
-def _task_episodes(policies: dict[str, str], task: str, seeds: list[int], image_size: int, camera: str,
-                   max_steps: int) -> list[EpisodeResult]:
-    import torch
+class RolloutWorker:
+    """Holds the policies and runs batches of episodes; lives on one CPU (intra-op threads would fight
+    the other workers and the renderer)."""
 
-    from pipeline.evaluate.policy import Policy
+    def __init__(self, policies: dict[str, str], image_size: int, camera: str, max_steps: int,
+                 envs_per_worker: int) -> None:
+        import torch
 
-    torch.set_num_threads(1)  # one env per core; intra-op threads would fight the other task
-    loaded = {name: Policy(uri) for name, uri in policies.items()}
-    results = []
-    for seed in seeds:
-        for name, policy in loaded.items():
-            policy.executed.clear()
-            success, steps = _episode(policy, task, seed, image_size, camera, max_steps)
-            results.append(EpisodeResult(name, task, seed, success, steps, policy.executed_fraction(),
-                                         policy.layer_frequency()))
-    return results
+        from pipeline.evaluate.policy import Policy
+
+        torch.set_num_threads(1)
+        self.policies = {name: Policy(uri) for name, uri in policies.items()}
+        self.image_size, self.camera, self.max_steps = image_size, camera, max_steps
+        self.envs_per_worker = envs_per_worker
+
+    def run(self, specs: list[EpisodeSpec]) -> Iterator[EpisodeResult]:
+        """A generator task: yields each episode's result as soon as it ends."""
+        for name, policy in self.policies.items():
+            yield from self._run_policy(policy, deque(s for s in specs if s.policy == name))
+
+    def _start(self, spec: EpisodeSpec) -> _Running:
+        from pipeline.sim.metaworld_env import SimEnv
+
+        env = SimEnv(spec.task, spec.seed, self.image_size, self.camera)
+        return _Running(spec, env, env.reset())
+
+    def _run_policy(self, policy: Any, queue: deque[EpisodeSpec]) -> Iterator[EpisodeResult]:
+        running: list[_Running] = []
+        try:
+            while queue or running:
+                while queue and len(running) < self.envs_per_worker:
+                    running.append(self._start(queue.popleft()))
+                actions = policy.act(np.stack([r.obs.image for r in running]),
+                                     [r.env.instruction for r in running],
+                                     np.stack([r.obs.proprio for r in running]))
+                still = []
+                for r, action, flags in zip(running, actions, policy.last_executed):
+                    r.obs, success = r.env.step(action)
+                    r.steps += 1
+                    r.executed.append(flags)
+                    if success or r.steps >= self.max_steps:
+                        r.env.close()
+                        yield r.result(success)
+                    else:
+                        still.append(r)
+                running = still
+        finally:
+            for r in running:
+                r.env.close()
+
+
+def _split(specs: list[EpisodeSpec], workers: int) -> list[list[EpisodeSpec]]:
+    """Round-robin, so every worker gets a mix of tasks and policies (episode lengths differ by task)."""
+    return [chunk for chunk in (specs[i::workers] for i in range(workers)) if chunk]
 
 
 def run_closed_loop(policies: dict[str, str], tasks: list[str], seeds: list[int], image_size: int,
-                    camera: str, max_steps: int) -> list[EpisodeResult]:
+                    camera: str, max_steps: int, num_workers: int = 2, envs_per_worker: int = 8
+                    ) -> list[EpisodeResult]:
     """Every policy runs every (task, seed): teacher and student face identical initial states."""
-    # Inside a Tune trial, child tasks would be captured by the trial's 0.01-CPU placement group and
-    # could never be scheduled; the rollouts reserve their own CPUs instead.
-    task = _task_episodes.options(scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-    pending = [task.remote(policies, t, seeds, image_size, camera, max_steps) for t in tasks]
+    specs = [EpisodeSpec(name, task, seed) for task in tasks for seed in seeds for name in policies]
+    # Inside a Tune trial, child actors would be captured by the trial's 0.01-CPU placement group and
+    # could never be scheduled; the rollout workers reserve their own CPUs instead.
+    worker = RolloutWorker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+    chunks = _split(specs, num_workers)
+    actors = [worker.remote(policies, image_size, camera, max_steps, envs_per_worker) for _ in chunks]
+    streams = [actor.run.remote(chunk) for actor, chunk in zip(actors, chunks)]
     results: list[EpisodeResult] = []
-    with tqdm(total=len(tasks) * len(seeds) * len(policies), desc="evaluate", unit="episode") as bar:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            chunk = ray.get(done[0])
-            results.extend(chunk)
-            bar.update(len(chunk))
+    try:
+        with tqdm(total=len(specs), desc="evaluate", unit="episode") as bar:
+            while streams:
+                ready, streams = ray.wait(streams, num_returns=1)
+                try:
+                    results.append(ray.get(next(ready[0])))
+                except StopIteration:
+                    continue          # this worker is done
+                streams.append(ready[0])
+                bar.update(1)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    if len(results) != len(specs):
+        raise RuntimeError(f"closed-loop evaluation returned {len(results)} of {len(specs)} episodes")
     order = {t: i for i, t in enumerate(tasks)}
     return sorted(results, key=lambda r: (order[r.task], r.seed, r.policy))
 

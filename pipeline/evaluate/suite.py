@@ -33,7 +33,6 @@ def paired_latency(policies: dict[str, Policy], sample: dict[str, Any], calls: i
             times[name].append((time.perf_counter() - start) * 1000.0)
     out = {}
     for name, policy in policies.items():
-        policy.executed.clear()
         out[name] = {"latency_ms_median": float(np.median(times[name])),
                      "latency_ms_p90": float(np.percentile(times[name], 90))}
     return out
@@ -61,7 +60,7 @@ def _policy_block(name: str, policy: Policy, results: list, offline: dict[str, f
     freq = mean_layer_frequency(results, name)
     executed = float(np.mean(freq)) if freq else 1.0
     flops = policy_flops(policy.model.cfg, executed * policy.num_layers,
-                         policy.model.router.proj.out_features if policy.routed else None)
+                         policy.model.cfg.router_hidden)   # None for a teacher or static layers: no router FLOPs
     return {"success": float(np.mean(outcomes)), "episodes": len(outcomes), "ci95": [lo, hi],
             "per_task": per_task, "executed_fraction": executed, "layer_frequency": freq,
             "flops": flops, **offline, **lat}
@@ -77,7 +76,7 @@ def evaluate_policies(cfg: PipelineConfig, uris: dict[str, str], episodes_per_ta
     image_shape = tuple(manifest.image_shape)
     seeds = [cfg.evaluate.seed + i for i in range(episodes_per_task)]
     results = run_closed_loop(uris, cfg.collect.tasks, seeds, manifest.image_shape[0], cfg.collect.camera,
-                              cfg.evaluate.max_steps)
+                              cfg.evaluate.max_steps, cfg.evaluate.num_workers, cfg.evaluate.envs_per_worker)
     policies = {name: Policy(uri) for name, uri in uris.items()}
     # Read once: the held-out rows serve the action error (an error if there are none) and the latency sample.
     heldout = open_shards(cfg.shards_uri, manifest, episodes=val_ids, skip_rows=report.skip_rows).materialize()

@@ -60,6 +60,20 @@ class Router(nn.Module):
         return torch.sigmoid(self.out(feats) / temperature)
 
 
+class StaticRouter(nn.Module):
+    """The same gates for every input: run exactly `layers` (static layer dropping; costs no FLOPs)."""
+
+    def __init__(self, layers: tuple[int, ...] | list[int], num_layers: int) -> None:
+        super().__init__()
+        mask = torch.zeros(num_layers)
+        mask[list(layers)] = 1.0
+        self.register_buffer("mask", mask)
+
+    def forward(self, vision: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                temperature: float = 1.0) -> torch.Tensor:
+        return self.mask.to(vision.dtype).expand(vision.shape[0], -1)
+
+
 @dataclass
 class GateState:
     """Per-forward gating state shared by the wrappers of one model (not a module: no weights)."""

@@ -9,9 +9,12 @@ from pipeline.models.graph import ProbeSet
 from pipeline.models.vla import VLA
 
 
-def derive_student(teacher: VLA, router_hidden: int) -> VLA:
-    """A copy of the teacher's weights with a router; with the router forced open it is the teacher."""
-    student = VLA(teacher.cfg.model_copy(update={"router_hidden": router_hidden}))
+def derive_student(teacher: VLA, router_hidden: int, static_layers: tuple[int, ...] | None = None) -> VLA:
+    """A copy of the teacher's weights with a router (or, static_layers given, a fixed layer subset);
+    with the router forced open it is the teacher."""
+    update = ({"router_hidden": None, "static_layers": tuple(static_layers)} if static_layers
+              else {"router_hidden": router_hidden})
+    student = VLA(teacher.cfg.model_copy(update=update))
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
     if unexpected or any(not k.startswith("router.") for k in missing):
         raise RuntimeError(f"teacher and student disagree beyond the router: missing={missing} "

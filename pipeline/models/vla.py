@@ -15,7 +15,7 @@ from torch import nn
 
 from pipeline.config import ModelSection
 from pipeline.models.backbones import backbone_config, build_backbone
-from pipeline.models.router import GatedLayer, GateMode, GateState, Router
+from pipeline.models.router import GatedLayer, GateMode, GateState, Router, StaticRouter
 
 
 class VLAConfig(BaseModel):
@@ -34,7 +34,9 @@ class VLAConfig(BaseModel):
     patch_size: int
     proprio_dim: int
     action_dim: int
+    vision_stem: str = "patch"        # patch: one strided conv; mlp: two patchify stages with a GELU
     router_hidden: int | None = None  # None: a teacher (no router)
+    static_layers: tuple[int, ...] | None = None  # a fixed set of layers instead of a router (ablation)
 
     @property
     def num_patches(self) -> int:
@@ -44,6 +46,53 @@ class VLAConfig(BaseModel):
     def seq_len(self) -> int:
         # vision patches, instruction tokens, one proprio token, one action-query token
         return self.num_patches + self.max_instruction_tokens + 2
+
+
+STEM_FIRST, STEM_WIDTH = 4, 64   # the mlp stem's first patchify (pixels) and its channel width
+
+
+class PatchMLP(nn.Module):
+    """Two patchify stages with a GELU between: 4x4 pixel patches -> 64 channels, then (p/4)^2 of those -> d.
+
+    The same maths as Conv(k=4, s=4) -> GELU -> Conv(k=p/4, s=p/4), written as reshapes and matrix
+    products: at batch 1 on CPU small strided conv kernels cost ~1.5 ms per call (as much as two
+    decoder layers at the demo width), the two matmuls ~0.1-0.2 ms.
+    """
+
+    def __init__(self, d: int, patch_size: int, width: int = STEM_WIDTH, first: int = STEM_FIRST) -> None:
+        super().__init__()
+        if patch_size % first or patch_size < first:
+            raise ValueError(f"model.vision_stem=mlp needs model.patch_size divisible by {first}, got {patch_size}; "
+                             f"use 8 or 16, or model.vision_stem=patch")
+        self.first, self.second = first, patch_size // first
+        self.stage1 = nn.Linear(3 * first * first, width)
+        self.stage2 = nn.Linear(width * self.second ** 2, d)
+        self.act = nn.GELU()
+
+    @staticmethod
+    def _patchify(x: torch.Tensor, k: int) -> torch.Tensor:
+        """B x C x H x W -> B x C*k*k x H/k x W/k (non-overlapping k x k blocks, channels-major)."""
+        b, c, h, w = x.shape
+        x = x.reshape(b, c, h // k, k, w // k, k).permute(0, 1, 3, 5, 2, 4)
+        return x.reshape(b, c * k * k, h // k, w // k)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self._patchify(images, self.first).permute(0, 2, 3, 1)        # B x H/4 x W/4 x 48
+        x = self.act(self.stage1(x)).permute(0, 3, 1, 2)                   # B x width x H/4 x W/4
+        x = self._patchify(x, self.second).permute(0, 2, 3, 1)            # B x H/p x W/p x width*(p/4)^2
+        return self.stage2(x).permute(0, 3, 1, 2)                          # B x d x H/p x W/p
+
+
+VISION_STEMS = ("patch", "mlp")
+
+
+def vision_stem(kind: str, d: int, patch_size: int) -> nn.Module:
+    """Image -> (B, d, H/p, W/p) patch features: patch (one p x p strided conv, a ViT stem) or mlp (PatchMLP)."""
+    if kind == "patch":
+        return nn.Conv2d(3, d, kernel_size=patch_size, stride=patch_size)
+    if kind == "mlp":
+        return PatchMLP(d, patch_size)
+    raise KeyError(f"unknown vision stem {kind!r}; choose one of {', '.join(VISION_STEMS)}")
 
 
 def tokenize(instructions: list[str], vocab_size: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +121,7 @@ class VLA(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.hidden_size
-        self.patch = nn.Conv2d(3, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.patch = vision_stem(cfg.vision_stem, d, cfg.patch_size)
         self.patch_pos = nn.Parameter(torch.zeros(1, cfg.num_patches, d))
         self.vision_norm = nn.LayerNorm(d)
         self.proprio = nn.Sequential(nn.Linear(cfg.proprio_dim, d), nn.GELU(), nn.Linear(d, d))
@@ -88,7 +137,11 @@ class VLA(nn.Module):
         for i, layer in enumerate(list(self.backbone.layers)):
             self.backbone.layers[i] = GatedLayer(layer, i, self.gate_state)
         self.action_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.action_dim))
-        self.router = Router(d, cfg.router_hidden, cfg.num_layers) if cfg.router_hidden else None
+        self.router: Router | StaticRouter | None = None
+        if cfg.router_hidden:
+            self.router = Router(d, cfg.router_hidden, cfg.num_layers)
+        elif cfg.static_layers:
+            self.router = StaticRouter(cfg.static_layers, cfg.num_layers)
 
     def embed(self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -144,4 +197,5 @@ def teacher_config(model: ModelSection, image_shape: list[int], proprio_dim: int
         # A pretrained decoder fixes its own sizes; the model section's widths do not apply.
         dims = backbone_dims(read_hf_config(model.pretrained_backbone))
     return VLAConfig(**dims, max_instruction_tokens=model.max_instruction_tokens, image_size=image_shape[0],
-                     patch_size=model.patch_size, proprio_dim=proprio_dim, action_dim=action_dim)
+                     patch_size=model.patch_size, proprio_dim=proprio_dim, action_dim=action_dim,
+                     vision_stem=model.vision_stem)

@@ -1,0 +1,60 @@
+"""Closed-loop evaluation over Ray actors: every episode once, batched calls equal to one env at a time."""
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from pipeline.evaluate.rollout import mean_layer_frequency, run_closed_loop
+from pipeline.models.checkpoint import save_policy
+from pipeline.models.student import derive_student
+from pipeline.models.vla import VLA, VLAConfig
+
+NORMALIZER = {"action_mean": [0.0] * 4, "action_std": [0.5] * 4, "proprio_mean": [0.0] * 4,
+              "proprio_std": [1.0] * 4}
+
+
+@pytest.fixture(scope="module")
+def policies(tmp_path_factory):
+    root = tmp_path_factory.mktemp("policies")
+    torch.manual_seed(0)
+    cfg = VLAConfig(backbone="llama", hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
+                    intermediate_size=64, vocab_size=64, max_instruction_tokens=6, image_size=32, patch_size=8,
+                    proprio_dim=4, action_dim=4)
+    teacher = VLA(cfg).eval()
+    routed = derive_student(teacher, router_hidden=8)
+    with torch.no_grad():   # gates that depend on the input: some layers open for some frames only
+        routed.router.out.weight.normal_(0.0, 2.0)
+        routed.router.out.bias.zero_()
+    uris = {"teacher": teacher, "routed": routed, "static": derive_student(teacher, 8, static_layers=(0, 2))}
+    for name, model in uris.items():
+        save_policy(model, str(root / name), {"normalizer": NORMALIZER})
+    return {name: str(root / name) for name in uris}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def _key(r):
+    return r.policy, r.task, r.seed
+
+
+def test_actors_run_every_episode_once_and_batching_changes_nothing(policies, ray_local):
+    tasks, seeds = ["drawer-close-v3", "button-press-v3"], [10_000, 10_001, 10_002]
+    batched = run_closed_loop(policies, tasks, seeds, 32, "corner", 12, num_workers=2, envs_per_worker=3)
+    assert sorted(map(_key, batched)) == sorted((p, t, s) for p in policies for t in tasks for s in seeds)
+    single = {_key(r): r for r in run_closed_loop(policies, tasks, seeds[:2], 32, "corner", 12,
+                                                  num_workers=1, envs_per_worker=1)}
+    for r in batched:
+        if _key(r) in single:   # rows of a batch are independent: the same episode, step for step
+            s = single[_key(r)]
+            assert (r.success, r.steps) == (s.success, s.steps)
+            np.testing.assert_allclose(r.layer_frequency, s.layer_frequency, atol=1e-6)
+    assert all(r.executed_fraction == 1.0 for r in batched if r.policy == "teacher")
+    assert mean_layer_frequency(batched, "static") == [1.0, 0.0, 1.0, 0.0]
+    routed = mean_layer_frequency(batched, "routed")
+    assert 0.0 < float(np.mean(routed)) < 1.0 and any(0.0 < f < 1.0 for f in routed)

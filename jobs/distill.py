@@ -15,14 +15,15 @@ from pipeline.ray_runtime import start_ray
 from pipeline.tracking.runs import stage_run
 
 
-def main(cfg: PipelineConfig) -> DistillResult:
+def main(cfg: PipelineConfig, student_uri: str | None = None, run_name: str = "distill") -> DistillResult:
+    """student_uri and run_name let bench/headline.py keep ablation students beside the pipeline's own."""
     start_ray(cfg)
     ray_run = train_run(cfg, "distill", cfg.stage_dir("ray"))
-    with stage_run(cfg, "distill", resume_run_id=ray_run.mlflow_run_id) as run:
+    with stage_run(cfg, run_name, resume_run_id=ray_run.mlflow_run_id) as run:
         if not ray_run.resumed:
             record_run(ray_run, cfg, "distill", run.info.run_id)
-        result = fit_student(cfg, Tracking(cfg.tracking_uri, run.info.run_id), str(cfg.stage_dir("student")),
-                             ray_run)
+        result = fit_student(cfg, Tracking(cfg.tracking_uri, run.info.run_id),
+                             student_uri or str(cfg.stage_dir("student")), ray_run)
         mlflow.log_metrics(result.metrics)
         mlflow.set_tags({"student_uri": result.student_uri, "teacher_hash": result.teacher_hash,
                          "ray_run_name": ray_run.name})

@@ -29,9 +29,15 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _resolve(cfg: PipelineConfig, where: str) -> str:
+    """evaluate.extra values: a folder under run.run_dir, or an absolute path / URI as given."""
+    return where if "://" in where or where.startswith("/") else str(cfg.stage_dir(where))
+
+
 def main(cfg: PipelineConfig) -> dict[str, Any]:
     start_ray(cfg)
-    uris = {"teacher": str(cfg.stage_dir("teacher")), "student": str(cfg.stage_dir("student"))}
+    uris = {"teacher": str(cfg.stage_dir("teacher")), "student": str(cfg.stage_dir("student")),
+            **{name: _resolve(cfg, where) for name, where in cfg.evaluate.extra.items()}}
     with stage_run(cfg, "evaluate"):
         report = evaluate_policies(cfg, uris, cfg.evaluate.episodes_per_task)
         paths = write_report(report, cfg.stage_dir("evaluate"))

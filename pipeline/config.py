@@ -166,6 +166,9 @@ class EvaluateSection(_Section):
     num_workers: int = Field(2, ge=1, description="Ray rollout actors (1 CPU each), e.g. the number of cores")
     envs_per_worker: int = Field(8, ge=1, description="environments each actor steps in lockstep; one batched "
                                                       "policy call per step serves them all, e.g. 8")
+    extra: dict[str, str] = Field(
+        {}, description="more policies to evaluate beside teacher and student, name -> checkpoint folder "
+                        "(under run.run_dir, or an absolute/s3:// URI), e.g. {no-budget: ablations/no-budget}")
 
 
 class SweepSection(_Section):
@@ -247,6 +250,10 @@ def _cross_checks(cfg: PipelineConfig) -> list[str]:
         if train.zero_stage < needs:
             problems.append(f"{key}.offload={train.offload}: needs {key}.zero_stage >= {needs} "
                             f"(it is {train.zero_stage}); raise the stage or set offload=none")
+    for name in cfg.evaluate.extra:
+        if name in ("teacher", "student"):
+            problems.append(f"evaluate.extra.{name}: the names teacher and student are taken by the run's own "
+                            f"policies; choose another name")
     static = cfg.router.static_layers
     if static is not None and (not static or len(set(static)) != len(static)
                                or not all(0 <= i < m.num_layers for i in static)):

@@ -1,0 +1,190 @@
+"""Benchmark: the headline table (teacher vs ActDistill student) and the ablations, from one config.
+
+    MUJOCO_GL=egl .venv/bin/python bench/headline.py                  # jobs/configs/demo.yaml, ~60-70 min
+    MUJOCO_GL=egl .venv/bin/python bench/headline.py --reuse          # keep stages whose output exists
+
+Runs, in one process and one Ray session: collect -> train-teacher -> probe-teacher -> distill (the
+pipeline's own stages, as `actdistill run` runs them), then three ablation students from the same teacher
+and labels, then ONE `evaluate` over all five policies: the same closed-loop seeds, the same held-out rows,
+batch-1 latency interleaved across policies. Writes bench/results/headline.{json,md} and the usual
+evaluate report (JSON, markdown, layer heatmap) to the run folder and MLflow.
+
+Ablations (METHOD.md, issue 6), each at the student's compute unless the ablation removes the control:
+- no-graph:  distill.objective=action_regression: the final action regressed to the expert's and the
+             teacher's, same router and budget, no per-layer graph alignment.
+- static:    no router: the same number of layers the routed student ran in training (rounded), evenly
+             spaced and ending at the last layer, always run; trained with the full ActDistill loss.
+- no-budget: the router trained without the budget term (distill.budget_weight=0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+from jobs import collect, distill, evaluate, probe_teacher, train_teacher  # noqa: E402
+from pipeline.config import PipelineConfig, load_config, with_overrides  # noqa: E402
+from pipeline.ray_runtime import start_ray  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+STATE = "headline_state.json"    # per-stage wall seconds and the student's fraction, kept for --reuse
+
+# Targets of issue 6.
+TEACHER_MIN, SUCCESS_DROP, FLOPS_MAX, SPEEDUP_MIN = 0.60, 0.03, 0.50, 1.6
+
+
+def static_layers(fraction: float, num_layers: int) -> list[int]:
+    """round(fraction * L) layers, evenly spaced and ending at the last one: 0.45 of 8 -> [1, 3, 5, 7]."""
+    k = min(num_layers, max(1, round(fraction * num_layers)))
+    return [round((i + 1) * num_layers / k) - 1 for i in range(k)]
+
+
+def ablations(student_fraction: float, num_layers: int) -> dict[str, dict[str, Any]]:
+    """name -> dotted overrides of the pipeline config."""
+    return {
+        "no-graph": {"distill.objective": "action_regression"},
+        "static": {"router.static_layers": static_layers(student_fraction, num_layers)},
+        "no-budget": {"distill.budget_weight": 0.0},
+    }
+
+
+class Stages:
+    """Runs stages in order, timing each; with reuse, a stage whose output exists is skipped and its
+    earlier time (from the run folder) is reported instead."""
+
+    def __init__(self, cfg: PipelineConfig, reuse: bool) -> None:
+        self.cfg, self.reuse = cfg, reuse
+        self.path = cfg.stage_dir(STATE)
+        self.state: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.seconds: dict[str, float] = self.state.setdefault("seconds", {})
+        self.reused: list[str] = []
+
+    def run(self, name: str, output: Path | None, fn: Callable[[], Any]) -> Any:
+        """output None: always run (evaluate: the table must come from one measurement)."""
+        if self.reuse and output is not None and output.exists() and name in self.seconds:
+            print(f"=== {name}: reusing {output} ({self.seconds[name]:.0f} s when it ran)")
+            self.reused.append(name)
+            return None
+        print(f"=== {name}")
+        started = time.perf_counter()
+        result = fn()
+        self.seconds[name] = time.perf_counter() - started
+        self.save()
+        return result
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.state, indent=2))
+
+
+def run(cfg: PipelineConfig, reuse: bool) -> dict[str, Any]:
+    start_ray(cfg)
+    stages = Stages(cfg, reuse)
+    stages.run("collect", Path(cfg.shards_uri) / "manifest.json", lambda: collect.main(cfg))
+    stages.run("train-teacher", cfg.stage_dir("teacher") / "model.safetensors", lambda: train_teacher.main(cfg))
+    stages.run("probe-teacher", Path(cfg.labelled_uri) / "labels.json", lambda: probe_teacher.main(cfg))
+    result = stages.run("distill", cfg.stage_dir("student") / "model.safetensors", lambda: distill.main(cfg))
+    if result is not None:   # the routed student's executed fraction at the end of training
+        stages.state["student_fraction"] = float(result.metrics["final_executed_fraction"])
+        stages.save()
+    fraction = stages.state["student_fraction"]
+    extra = {}
+    for name, overrides in ablations(fraction, cfg.model.num_layers).items():
+        variant = with_overrides(cfg, overrides)
+        uri = cfg.stage_dir("ablations") / name
+        stages.run(f"ablation {name}", uri / "model.safetensors",
+                   lambda v=variant, u=uri, n=name: distill.main(v, student_uri=str(u), run_name=f"ablation {n}"))
+        extra[name] = f"ablations/{name}"
+    report = stages.run("evaluate", None,
+                        lambda: evaluate.main(with_overrides(cfg, {"evaluate.extra": extra})))
+    return {"report": report, "seconds": stages.seconds, "reused": stages.reused, "student_fraction": fraction,
+            "ablations": ablations(fraction, cfg.model.num_layers)}
+
+
+def table(report: dict[str, Any]) -> str:
+    """One row per policy: what each part of the method buys, against the same teacher episodes."""
+    rows = ["| policy | success (95% CI) | vs teacher | backbone FLOPs | total FLOPs | latency speed-up "
+            "| layers run | held-out action MSE |", "|---|---|---|---|---|---|---|---|"]
+    label = {"teacher": "teacher (all layers)", "student": "ActDistill student",
+             "no-graph": "(a) no graph supervision", "static": "(b) static layer dropping",
+             "no-budget": "(c) router without budget"}
+    for name, b in report["policies"].items():
+        r = report.get("ratios", {}).get(name, {"success_delta": 0.0, "backbone_flops_ratio": 1.0,
+                                                "total_flops_ratio": 1.0, "latency_speedup": 1.0})
+        lo, hi = b["ci95"]
+        rows.append(f"| {label.get(name, name)} | {b['success']:.3f} ({lo:.2f}-{hi:.2f}, n={b['episodes']}) "
+                    f"| {100 * r['success_delta']:+.1f} pts | x{r['backbone_flops_ratio']:.2f} "
+                    f"| x{r['total_flops_ratio']:.2f} | x{r['latency_speedup']:.2f} "
+                    f"| {b['executed_fraction']:.2f} | {b['action_mse_norm']:.4f} |")
+    return "\n".join(rows)
+
+
+def checks(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    teacher, ratios = report["policies"]["teacher"], report["ratios"]["student"]
+    return {
+        "teacher success >= 0.60": {"value": teacher["success"], "ok": teacher["success"] >= TEACHER_MIN},
+        "student success >= teacher - 3 pts": {"value": ratios["success_delta"],
+                                               "ok": ratios["success_delta"] >= -SUCCESS_DROP - 1e-9},
+        "student backbone FLOPs <= 50% of teacher": {"value": ratios["backbone_flops_ratio"],
+                                                     "ok": ratios["backbone_flops_ratio"] <= FLOPS_MAX},
+        "student batch-1 latency >= 1.6x lower": {"value": ratios["latency_speedup"],
+                                                  "ok": ratios["latency_speedup"] >= SPEEDUP_MIN},
+    }
+
+
+def machine() -> dict[str, Any]:
+    with open("/proc/meminfo") as f:
+        mem_kb = int(f.readline().split()[1])
+    return {"cpus": os.cpu_count(), "ram_gib": round(mem_kb / 2**20, 1), "python": platform.python_version(),
+            "load_avg_at_end": os.getloadavg()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "jobs/configs/demo.yaml"))
+    parser.add_argument("--reuse", action="store_true", help="skip stages whose output exists in the run folder")
+    parser.add_argument("--out", default=str(RESULTS / "headline"))
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. evaluate.episodes_per_task=5")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    out = run(cfg, args.reuse)
+    report = out["report"]
+    verdict = checks(report)
+    seconds = out["seconds"]
+    total = sum(seconds.values())
+    pipeline_s = sum(seconds[s] for s in ("collect", "train-teacher", "probe-teacher", "distill", "evaluate"))
+    lines = [f"# Headline result: `{cfg.run.name}` ({len(report['tasks'])} tasks x "
+             f"{len(report['seeds'])} episodes, seeds {report['seeds'][0]}-{report['seeds'][-1]})", "",
+             table(report), "",
+             "| target | measured | met |", "|---|---|---|",
+             *[f"| {k} | {v['value']:.3f} | {'yes' if v['ok'] else 'NO'} |" for k, v in verdict.items()], "",
+             f"Static ablation layers: {out['ablations']['static']['router.static_layers']} (the student ran "
+             f"{out['student_fraction']:.2f} of the layers at the end of training).", "",
+             "Wall seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
+             + f"; pipeline (collect to evaluate) {pipeline_s / 60:.1f} min; everything {total / 60:.1f} min"
+             + (f" (reused from an earlier run: {', '.join(out['reused'])})" if out["reused"] else ""), "",
+             f"Machine: {machine()}"]
+    text = "\n".join(lines)
+    print("\n" + text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".md").write_text(text + "\n")
+    Path(args.out + ".json").write_text(json.dumps({"config": args.config, "overrides": args.overrides,
+                                                    "checks": verdict, "seconds": seconds, "reused": out["reused"],
+                                                    "ablations": out["ablations"], "machine": machine(),
+                                                    "report": report}, indent=2))
+    print(f"wrote {args.out}.md and {args.out}.json")
+    return 0 if all(v["ok"] for v in verdict.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

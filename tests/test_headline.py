@@ -1,0 +1,32 @@
+"""bench/headline.py: the static ablation matches the student's compute; the verdict follows the targets."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.headline import ablations, checks, static_layers, table  # noqa: E402
+
+
+def test_static_ablation_runs_the_students_share_of_layers_evenly_spaced_ending_at_the_last():
+    assert static_layers(0.45, 8) == [1, 3, 5, 7]
+    assert static_layers(0.38, 8) == [2, 4, 7]
+    assert static_layers(0.01, 8) == [7] and static_layers(1.0, 8) == list(range(8))
+    assert ablations(0.5, 8)["static"] == {"router.static_layers": [1, 3, 5, 7]}
+
+
+def _block(success, executed, backbone):
+    return {"success": success, "ci95": [0.0, 1.0], "episodes": 120, "executed_fraction": executed,
+            "action_mse_norm": 0.05, "flops": {"backbone": backbone, "total": backbone + 5.0}}
+
+
+def test_verdict_and_table_follow_the_issue_targets():
+    report = {"policies": {"teacher": _block(0.70, 1.0, 80.0), "student": _block(0.675, 0.48, 38.4)},
+              "ratios": {"student": {"success_delta": -0.025, "backbone_flops_ratio": 0.48, "total_flops_ratio": 0.51,
+                                     "latency_speedup": 1.7}}}
+    assert all(v["ok"] for v in checks(report).values())
+    report["ratios"]["student"].update(success_delta=-0.04, latency_speedup=1.5)
+    failed = [k for k, v in checks(report).items() if not v["ok"]]
+    assert failed == ["student success >= teacher - 3 pts", "student batch-1 latency >= 1.6x lower"]
+    text = table(report)
+    assert "| ActDistill student | 0.675 (0.00-1.00, n=120) | -4.0 pts | x0.48 | x0.51 | x1.50 | 0.48 |" in text

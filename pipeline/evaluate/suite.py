@@ -19,33 +19,46 @@ from pipeline.evaluate.policy import Policy
 from pipeline.evaluate.rollout import mean_layer_frequency, run_closed_loop, success_table
 
 
-def paired_latency(policies: dict[str, Policy], sample: dict[str, Any], calls: int) -> dict[str, dict[str, float]]:
-    """Batch-1 latency, calls interleaved across policies so machine noise hits all of them alike."""
-    args = (sample["image"][None], [sample["instruction"]], sample["proprio"][None])
+LATENCY_SAMPLES = 32   # distinct held-out observations the batch-1 latency calls cycle through
+
+
+def paired_latency(policies: dict[str, Policy], samples: list[dict[str, Any]], calls: int
+                   ) -> dict[str, dict[str, float]]:
+    """Batch-1 latency, calls interleaved across policies so machine noise hits all of them alike.
+
+    Call i feeds samples[i % len(samples)] to every policy: a routed student's cost depends on its input,
+    so its latency is taken over many real observations, not the layers one frame happens to open."""
+    def args(i: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+        s = samples[i % len(samples)]
+        return s["image"][None], [s["instruction"]], s["proprio"][None]
+
     for policy in policies.values():
-        for _ in range(3):
-            policy.act(*args)
+        for i in range(3):
+            policy.act(*args(i))
     times: dict[str, list[float]] = {name: [] for name in policies}
-    for _ in range(calls):
+    for i in range(calls):
         for name, policy in policies.items():
+            call = args(i)
             start = time.perf_counter()
-            policy.act(*args)
+            policy.act(*call)
             times[name].append((time.perf_counter() - start) * 1000.0)
-    out = {}
-    for name, policy in policies.items():
-        out[name] = {"latency_ms_median": float(np.median(times[name])),
-                     "latency_ms_p90": float(np.percentile(times[name], 90))}
-    return out
+    return {name: {"latency_ms_median": float(np.median(t)), "latency_ms_p90": float(np.percentile(t, 90))}
+            for name, t in times.items()}
 
 
-def _sample_row(heldout: ray.data.Dataset, image_shape: tuple[int, int, int], proprio_dim: int
-                ) -> dict[str, Any]:
-    """One real held-out observation (raw units) for the latency measurement."""
-    batch = heldout.take_batch(1, batch_format="numpy")
+def _sample_rows(heldout: ray.data.Dataset, image_shape: tuple[int, int, int], proprio_dim: int, count: int,
+                 seed: int) -> list[dict[str, Any]]:
+    """Up to `count` real held-out observations (raw units), drawn across episodes, for the latency measurement."""
+    fraction = min(1.0, 1.5 * count / max(1, heldout.count()))
+    try:
+        batch = heldout.random_sample(fraction, seed=seed).take_batch(count, batch_format="numpy")
+    except ValueError:   # the sample came out empty (a tiny held-out split): one row still measures
+        batch = heldout.take_batch(1, batch_format="numpy")
     h, w, c = image_shape
-    return {"image": fixed_column(batch, "image", h * w * c).reshape(image_shape).astype(np.uint8),
-            "instruction": str(batch["instruction"][0]),
-            "proprio": fixed_column(batch, "proprio", proprio_dim).reshape(-1).astype(np.float32)}
+    images = fixed_column(batch, "image", h * w * c).reshape(-1, *image_shape).astype(np.uint8)
+    proprio = fixed_column(batch, "proprio", proprio_dim).astype(np.float32)
+    return [{"image": images[i], "instruction": str(batch["instruction"][i]), "proprio": proprio[i]}
+            for i in range(len(images))]
 
 
 def _policy_block(name: str, policy: Policy, results: list, offline: dict[str, float],
@@ -81,7 +94,8 @@ def evaluate_policies(cfg: PipelineConfig, uris: dict[str, str], episodes_per_ta
     # Read once: the held-out rows serve the action error (an error if there are none) and the latency sample.
     heldout = open_shards(cfg.shards_uri, manifest, episodes=val_ids, skip_rows=report.skip_rows).materialize()
     offline = {name: action_error(p, heldout, image_shape) for name, p in policies.items()}
-    lat = paired_latency(policies, _sample_row(heldout, image_shape, manifest.proprio_dim), cfg.evaluate.latency_calls)
+    samples = _sample_rows(heldout, image_shape, manifest.proprio_dim, LATENCY_SAMPLES, cfg.evaluate.seed)
+    lat = paired_latency(policies, samples, cfg.evaluate.latency_calls)
     report: dict[str, Any] = {
         "tasks": cfg.collect.tasks, "seeds": seeds, "max_steps": cfg.evaluate.max_steps,
         "policies": {name: _policy_block(name, p, results, offline[name], lat[name])

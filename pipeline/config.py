@@ -163,6 +163,9 @@ class EvaluateSection(_Section):
     seed: int = Field(10_000, ge=0, description="first evaluation seed, apart from collect seeds")
     max_steps: int = Field(150, ge=1, le=500, description="step limit per evaluation episode")
     latency_calls: int = Field(30, ge=3, description="batch-1 policy calls timed per policy")
+    latency_threads: int = Field(1, ge=1, description="torch intra-op threads while timing batch-1 calls, e.g. 1 "
+                                                      "(a controller's core; at batch 1 more threads mostly add "
+                                                      "synchronisation, and on a busy machine a lot of it)")
     num_workers: int = Field(2, ge=1, description="Ray rollout actors (1 CPU each), e.g. the number of cores")
     envs_per_worker: int = Field(8, ge=1, description="environments each actor steps in lockstep; one batched "
                                                       "policy call per step serves them all, e.g. 8")

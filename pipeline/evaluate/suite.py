@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import ray.data
+import torch
 
 from pipeline.config import PipelineConfig
 from pipeline.data.batches import fixed_column
@@ -22,7 +23,7 @@ from pipeline.evaluate.rollout import mean_layer_frequency, run_closed_loop, suc
 LATENCY_SAMPLES = 32   # distinct held-out observations the batch-1 latency calls cycle through
 
 
-def paired_latency(policies: dict[str, Policy], samples: list[dict[str, Any]], calls: int
+def paired_latency(policies: dict[str, Policy], samples: list[dict[str, Any]], calls: int, threads: int = 1
                    ) -> dict[str, dict[str, float]]:
     """Batch-1 latency, calls interleaved across policies so machine noise hits all of them alike.
 
@@ -32,16 +33,21 @@ def paired_latency(policies: dict[str, Policy], samples: list[dict[str, Any]], c
         s = samples[i % len(samples)]
         return s["image"][None], [s["instruction"]], s["proprio"][None]
 
-    for policy in policies.values():
-        for i in range(3):
-            policy.act(*args(i))
-    times: dict[str, list[float]] = {name: [] for name in policies}
-    for i in range(calls):
-        for name, policy in policies.items():
-            call = args(i)
-            start = time.perf_counter()
-            policy.act(*call)
-            times[name].append((time.perf_counter() - start) * 1000.0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for policy in policies.values():
+            for i in range(3):
+                policy.act(*args(i))
+        times: dict[str, list[float]] = {name: [] for name in policies}
+        for i in range(calls):
+            for name, policy in policies.items():
+                call = args(i)
+                start = time.perf_counter()
+                policy.act(*call)
+                times[name].append((time.perf_counter() - start) * 1000.0)
+    finally:
+        torch.set_num_threads(before)
     return {name: {"latency_ms_median": float(np.median(t)), "latency_ms_p90": float(np.percentile(t, 90))}
             for name, t in times.items()}
 
@@ -95,7 +101,7 @@ def evaluate_policies(cfg: PipelineConfig, uris: dict[str, str], episodes_per_ta
     heldout = open_shards(cfg.shards_uri, manifest, episodes=val_ids, skip_rows=report.skip_rows).materialize()
     offline = {name: action_error(p, heldout, image_shape) for name, p in policies.items()}
     samples = _sample_rows(heldout, image_shape, manifest.proprio_dim, LATENCY_SAMPLES, cfg.evaluate.seed)
-    lat = paired_latency(policies, samples, cfg.evaluate.latency_calls)
+    lat = paired_latency(policies, samples, cfg.evaluate.latency_calls, cfg.evaluate.latency_threads)
     report: dict[str, Any] = {
         "tasks": cfg.collect.tasks, "seeds": seeds, "max_steps": cfg.evaluate.max_steps,
         "policies": {name: _policy_block(name, p, results, offline[name], lat[name])

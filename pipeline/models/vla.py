@@ -15,7 +15,7 @@ from torch import nn
 
 from pipeline.config import ModelSection
 from pipeline.models.backbones import backbone_config, build_backbone
-from pipeline.models.router import GatedLayer, GateMode, GateState, Router, StaticRouter
+from pipeline.models.router import GatedLayer, GateMode, GateState, Router, StaticRouter, decide
 
 
 class VLAConfig(BaseModel):
@@ -165,17 +165,21 @@ class VLA(nn.Module):
         tokens, mask, vision, text, text_mask = self.embed(images, instructions, proprio)
         batch, layers = images.shape[0], self.cfg.num_layers
         gates = self.router(vision, text, text_mask, temperature) if (self.router is not None and mode != "off") else None
-        executed = torch.ones(batch, layers, device=images.device)
         state = self.gate_state
         state.mode, state.gates, state.threshold = (mode if gates is not None else "off"), gates, threshold
-        state.executed = executed if mode == "hard" else None
         state.hidden = [] if record else None
+        if gates is None:
+            executed = torch.ones(batch, layers, device=images.device)
+        elif mode == "hard":
+            executed = decide(state, gates, threshold)
+        elif mode == "straight_through":
+            executed = (gates >= threshold).to(gates.dtype)
+        else:
+            executed = gates.detach()
         try:
             out = self.backbone(inputs_embeds=tokens, attention_mask=mask, use_cache=False)
         finally:
-            hidden, state.hidden, state.gates, state.executed = state.hidden, None, None, None
-        if gates is not None and mode != "hard":
-            executed = (gates >= threshold).to(gates.dtype) if mode == "straight_through" else gates.detach()
+            hidden, state.hidden, state.gates, state.run = state.hidden, None, None, None
         actions = self.action_head(out.last_hidden_state[:, -1])
         return VLAOutput(actions=actions, gates=gates, executed=executed, hidden=hidden, token_mask=mask)
 

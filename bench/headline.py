@@ -1,6 +1,6 @@
 """Benchmark: the headline table (teacher vs ActDistill student) and the ablations, from one config.
 
-    MUJOCO_GL=egl .venv/bin/python bench/headline.py                  # jobs/configs/demo.yaml, ~60-70 min
+    MUJOCO_GL=egl .venv/bin/python bench/headline.py                  # jobs/configs/demo.yaml, ~47 min on 2 cores
     MUJOCO_GL=egl .venv/bin/python bench/headline.py --reuse          # keep stages whose output exists
 
 Runs, in one process and one Ray session: collect -> train-teacher -> probe-teacher -> distill (the
@@ -60,7 +60,8 @@ def ablations(student_fraction: float, num_layers: int) -> dict[str, dict[str, A
 
 class Stages:
     """Runs stages in order, timing each; with reuse, a stage whose output exists is skipped and its
-    earlier time (from the run folder) is reported instead."""
+    earlier time (from the run folder) is reported instead, until one stage runs: every later stage then
+    runs too (its inputs changed)."""
 
     def __init__(self, cfg: PipelineConfig, reuse: bool) -> None:
         self.cfg, self.reuse = cfg, reuse
@@ -76,6 +77,7 @@ class Stages:
             self.reused.append(name)
             return None
         print(f"=== {name}")
+        self.reuse = False
         started = time.perf_counter()
         result = fn()
         self.seconds[name] = time.perf_counter() - started
@@ -97,6 +99,9 @@ def run(cfg: PipelineConfig, reuse: bool) -> dict[str, Any]:
     if result is not None:   # the routed student's executed fraction at the end of training
         stages.state["student_fraction"] = float(result.metrics["final_executed_fraction"])
         stages.save()
+    if "student_fraction" not in stages.state:
+        raise SystemExit(f"{stages.path} does not record the student's executed fraction (the student was not "
+                         f"made by this bench); run without --reuse")
     fraction = stages.state["student_fraction"]
     extra = {}
     for name, overrides in ablations(fraction, cfg.model.num_layers).items():

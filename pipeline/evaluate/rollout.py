@@ -8,7 +8,6 @@ episodes, not chunks.
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -17,9 +16,6 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
-
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class EpisodeSpec:
@@ -50,7 +46,7 @@ class _Running:
     executed: list[np.ndarray] = field(default_factory=list)
 
     def result(self, success: bool) -> EpisodeResult:
-        flags = np.stack(self.executed) if self.executed else np.ones((1, 1))
+        flags = np.stack(self.executed)   # steps x L; an episode ends after at least one step
         return EpisodeResult(self.spec.policy, self.spec.task, self.spec.seed, success, self.steps,
                              float(flags.mean()), flags.mean(0).tolist())
 
@@ -116,7 +112,8 @@ def run_closed_loop(policies: dict[str, str], tasks: list[str], seeds: list[int]
                     camera: str, max_steps: int, num_workers: int = 2, envs_per_worker: int = 8
                     ) -> list[EpisodeResult]:
     """Every policy runs every (task, seed): teacher and student face identical initial states."""
-    specs = [EpisodeSpec(name, task, seed) for task in tasks for seed in seeds for name in policies]
+    # Policy-major, so the round-robin split gives every worker its share of each policy's episodes.
+    specs = [EpisodeSpec(name, task, seed) for name in policies for task in tasks for seed in seeds]
     # Inside a Tune trial, child actors would be captured by the trial's 0.01-CPU placement group and
     # could never be scheduled; the rollout workers reserve their own CPUs instead.
     worker = RolloutWorker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))

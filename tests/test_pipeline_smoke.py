@@ -18,7 +18,9 @@ pytestmark = pytest.mark.slow
 
 
 def _run(args, run_dir, timeout):
-    proc = subprocess.run(args + ["--config", str(SMOKE), f"run.run_dir={run_dir}"], cwd=REPO,
+    # A relative run.run_dir, as the README's command uses (runs/smoke): every stage, Tune trials included
+    # (Tune runs each trial in its own working directory), must find the same folder.
+    proc = subprocess.run(args + ["--config", str(SMOKE), f"run.run_dir={run_dir.name}"], cwd=run_dir.parent,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc.stdout

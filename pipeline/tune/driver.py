@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -60,11 +61,22 @@ def scheduler(cfg: PipelineConfig) -> Any:
                                          reduction_factor=cfg.sweep.reduction_factor)
 
 
+def anchored(cfg: PipelineConfig) -> PipelineConfig:
+    """The config with local paths made absolute: Tune runs each trial in its own working directory, where
+    a relative run.run_dir (runs/smoke, the configs' default) would point into the trial's folder."""
+    overrides = {"run.run_dir": str(Path(cfg.run.run_dir).resolve())}
+    for key, value in (("data.shards_uri", cfg.data.shards_uri), ("data.labelled_uri", cfg.data.labelled_uri)):
+        if value and "://" not in value:
+            overrides[key] = str(Path(value).resolve())
+    return with_overrides(cfg, overrides)
+
+
 def run_trials(cfg: PipelineConfig, space: dict[str, Any], parent_run_id: str
                ) -> tuple[list[dict[str, Any]], int]:
     """Run the sweep: (evaluated trials, number stopped early by ASHA). A failed trial is an error."""
     trainable = tune.with_resources(
-        tune.with_parameters(trial_fn_per_trial, base=cfg.model_dump(mode="json"), parent_run_id=parent_run_id),
+        tune.with_parameters(trial_fn_per_trial, base=anchored(cfg).model_dump(mode="json"),
+                             parent_run_id=parent_run_id),
         TRIAL_RESOURCES)
     tuner = tune.Tuner(
         trainable, param_space=space,

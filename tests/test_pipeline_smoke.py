@@ -1,6 +1,7 @@
 """End to end: `actdistill run` on the smoke config with the real components, then its artifacts."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +19,10 @@ pytestmark = pytest.mark.slow
 
 
 def _run(args, run_dir, timeout):
-    # A relative run.run_dir, as the README's command uses (runs/smoke): every stage, Tune trials included
-    # (Tune runs each trial in its own working directory), must find the same folder.
-    proc = subprocess.run(args + ["--config", str(SMOKE), f"run.run_dir={run_dir.name}"], cwd=run_dir.parent,
+    # From the repository with a relative run.run_dir, as the README's command runs (runs/smoke): every
+    # stage, Tune trials included (Tune runs each trial in its own working directory), must find it.
+    relative = os.path.relpath(run_dir, REPO)
+    proc = subprocess.run(args + ["--config", str(SMOKE), f"run.run_dir={relative}"], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc.stdout

@@ -142,7 +142,7 @@ class GatedLayer(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
     def _run_hard(self, h: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        # The run/skip decisions were taken once per forward (GateState.decide): at batch 1 a layer the
+        # The run/skip decisions were taken once per forward (decide, from VLA.forward): at batch 1 a layer the
         # router skips costs a list lookup, not a few tensor ops (~0.02-0.05 ms each on CPU).
         state, batch, i = self._state, h.shape[0], self.index
         if not state.run_any[i]:

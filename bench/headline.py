@@ -64,7 +64,7 @@ class Stages:
     runs too (its inputs changed)."""
 
     def __init__(self, cfg: PipelineConfig, reuse: bool) -> None:
-        self.cfg, self.reuse = cfg, reuse
+        self.reuse = reuse
         self.path = cfg.stage_dir(STATE)
         self.state: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.seconds: dict[str, float] = self.state.setdefault("seconds", {})
@@ -104,7 +104,8 @@ def run(cfg: PipelineConfig, reuse: bool) -> dict[str, Any]:
                          f"made by this bench); run without --reuse")
     fraction = stages.state["student_fraction"]
     extra = {}
-    for name, overrides in ablations(fraction, cfg.model.num_layers).items():
+    variants = ablations(fraction, cfg.model.num_layers)
+    for name, overrides in variants.items():
         variant = with_overrides(cfg, overrides)
         uri = cfg.stage_dir("ablations") / name
         stages.run(f"ablation {name}", uri / "model.safetensors",
@@ -113,7 +114,7 @@ def run(cfg: PipelineConfig, reuse: bool) -> dict[str, Any]:
     report = stages.run("evaluate", None,
                         lambda: evaluate.main(with_overrides(cfg, {"evaluate.extra": extra})))
     return {"report": report, "seconds": stages.seconds, "reused": stages.reused, "student_fraction": fraction,
-            "ablations": ablations(fraction, cfg.model.num_layers)}
+            "ablations": variants}
 
 
 def table(report: dict[str, Any]) -> str:

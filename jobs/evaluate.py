@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import mlflow
 
 from pipeline.cli import run_cli
 from pipeline.config import PipelineConfig
+from pipeline.data import storage
 from pipeline.evaluate.report import summary_table, write_report
 from pipeline.evaluate.suite import evaluate_policies
 from pipeline.ray_runtime import start_ray
@@ -31,7 +33,7 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
 
 def _resolve(cfg: PipelineConfig, where: str) -> str:
     """evaluate.extra values: a folder under run.run_dir, or an absolute path / URI as given."""
-    return where if "://" in where or where.startswith("/") else str(cfg.stage_dir(where))
+    return where if storage.has_scheme(where) or Path(where).is_absolute() else str(cfg.stage_dir(where))
 
 
 def main(cfg: PipelineConfig) -> dict[str, Any]:

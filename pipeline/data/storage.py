@@ -39,6 +39,11 @@ def is_s3(uri: str) -> bool:
     return uri.startswith(_S3)
 
 
+def has_scheme(uri: str) -> bool:
+    """s3://, file:// ...: a location that means the same from any working directory (a bare path does not)."""
+    return "://" in uri
+
+
 def _endpoint() -> str:
     return os.environ.get("AWS_ENDPOINT_URL") or "the default AWS endpoint"
 
@@ -71,7 +76,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         if not path:
             raise ValueError(f"{uri!r} names no bucket; write s3://bucket/prefix")
         return _s3_filesystem(S3_OPTIONS), path
-    if "://" in uri and not uri.startswith(_FILE):
+    if has_scheme(uri) and not uri.startswith(_FILE):
         raise ValueError(f"{uri!r}: unsupported scheme; use a local path, file:// or s3://")
     local = uri[len(_FILE):] if uri.startswith(_FILE) else uri
     return pafs.LocalFileSystem(), str(Path(local).expanduser().resolve())

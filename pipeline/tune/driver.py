@@ -11,6 +11,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipeline.config import PipelineConfig, with_overrides
+from pipeline.data import storage
 from pipeline.distill.fit_student import fit_student
 from pipeline.distill.loop import Tracking
 from pipeline.distill.trainer import TrainRun
@@ -66,7 +67,7 @@ def anchored(cfg: PipelineConfig) -> PipelineConfig:
     a relative run.run_dir (runs/smoke, the configs' default) would point into the trial's folder."""
     overrides = {"run.run_dir": str(Path(cfg.run.run_dir).resolve())}
     for key, value in (("data.shards_uri", cfg.data.shards_uri), ("data.labelled_uri", cfg.data.labelled_uri)):
-        if value and "://" not in value:
+        if value and not storage.has_scheme(value):
             overrides[key] = str(Path(value).resolve())
     return with_overrides(cfg, overrides)
 

@@ -137,6 +137,10 @@ class RouterSection(_Section):
     anneal_to: float = Field(0.05, gt=0.0, le=1.0,
                              description="final gate temperature when gate=annealed (1 -> this), e.g. 0.05")
     hidden: int = Field(32, ge=4, description="router feature width, e.g. 32")
+    lr: float | None = Field(
+        None, gt=0, le=1.0, description="the router's peak learning rate, e.g. 3e-4, when the student's layers "
+                                        "(taken from a converged teacher) train at a lower distill.train.lr; "
+                                        "null: distill.train.lr for the router too")
     static_layers: list[int] | None = Field(
         None, description="instead of a learned router, always run these decoder layers (0-based): the static "
                           "layer-dropping baseline of bench/headline.py, e.g. [1, 3, 5, 7]; null for a router")

@@ -70,3 +70,19 @@ def test_topk_graph_keeps_the_k_largest_scaled_logits_and_never_links_to_padding
     top, expected_index = logits.topk(2, dim=-1)
     assert torch.equal(index, expected_index) and not (index == 4).any()
     torch.testing.assert_close(weights, torch.softmax(top, dim=-1))
+
+
+def test_router_parameters_get_their_own_learning_rate_and_no_parameter_is_lost():
+    from pipeline.distill.engine import param_groups
+
+    cfg = VLAConfig(backbone="llama", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    intermediate_size=64, vocab_size=64, max_instruction_tokens=6, image_size=32, patch_size=8,
+                    proprio_dim=4, action_dim=4)
+    student = derive_student(VLA(cfg), router_hidden=16)
+    student.patch.requires_grad_(False)                      # frozen parameters stay out of every group
+    rest, router = param_groups(student, {"router": 3e-4})
+    assert "lr" not in rest and router["lr"] == 3e-4         # the rest: the optimizer's default (train.lr)
+    assert {id(p) for p in router["params"]} == {id(p) for p in student.router.parameters()}
+    trainable = {id(p) for p in student.parameters() if p.requires_grad}
+    assert {id(p) for p in rest["params"]} | {id(p) for p in router["params"]} == trainable
+    assert len(param_groups(student, {})) == 1

@@ -55,14 +55,27 @@ def _skip_shm_comm_build() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
-def make_engine(model: nn.Module, train: TrainSection) -> tuple[Any, torch.optim.Optimizer]:
-    """Wrap `model` in a DeepSpeed engine on the process group Ray Train already set up (gloo)."""
+def param_groups(model: nn.Module, own_lr: dict[str, float]) -> list[dict[str, Any]]:
+    """Trainable parameters in AdamW groups: those under a module prefix in `own_lr` at that peak LR,
+    the rest in the first group (at the optimizer's default, train.lr)."""
+    groups: dict[str, list[nn.Parameter]] = {"": [], **{prefix: [] for prefix in own_lr}}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups[next((pre for pre in own_lr if name.startswith(pre + ".")), "")].append(p)
+    return [{"params": groups[""]}, *({"params": groups[pre], "lr": lr} for pre, lr in own_lr.items() if groups[pre])]
+
+
+def make_engine(model: nn.Module, train: TrainSection, own_lr: dict[str, float] | None = None
+                ) -> tuple[Any, torch.optim.Optimizer]:
+    """Wrap `model` in a DeepSpeed engine on the process group Ray Train already set up (gloo).
+
+    own_lr: module prefix -> peak LR for parameters that learn at another rate than train.lr (the
+    router); the warm-up + cosine schedule scales every group alike."""
     _skip_shm_comm_build()
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, own_lr or {}), lr=train.lr, weight_decay=train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, train.warmup_steps, train.steps))
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

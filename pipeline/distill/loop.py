@@ -82,6 +82,7 @@ class StudentJob:
     objective: str = "actdistill"  # or action_regression (ablation: no graph supervision)
     static_layers: tuple[int, ...] | None = None  # a fixed layer subset instead of a router (ablation)
     budget_ramp: int = 0         # steps over which the budget target falls from 1 to weights.budget
+    router_lr: float | None = None  # the router's peak LR; None: train.lr like the rest
 
 
 class _MetricLog:
@@ -402,7 +403,8 @@ def student_fn_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(job.seed)
     objective, teacher_meta = _student_objective(job)
     student_cfg = objective.distill.student.cfg
-    engine, _ = make_engine(objective, job.train)
+    own_lr = {"distill.student.router": job.router_lr} if job.router_lr else None
+    engine, _ = make_engine(objective, job.train, own_lr)
     normalizer = Normalizer.from_dict(teacher_meta["normalizer"])
     rank = ray.train.get_context().get_world_rank()
     log = _MetricLog(job.tracking, rank == 0)

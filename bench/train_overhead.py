@@ -108,8 +108,7 @@ def plain_throughput(cfg: PipelineConfig, warmup: int) -> dict[str, float]:
             started = time.perf_counter()
         b = to_model_batch(batch, normalizer, job.image_shape)
         targets = teacher_targets(batch, job, layers)
-        loss, _, _ = objective(b["images"], b["instructions"], b["proprio"], b["actions"], targets, 1.0,
-                                job.weights.budget)
+        loss, _, _ = objective(b["images"], b["instructions"], b["proprio"], b["actions"], targets, 1.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, job.train.grad_clip)

@@ -128,9 +128,6 @@ class ProbeSection(_Section):
 
 class RouterSection(_Section):
     budget: float = Field(0.5, gt=0.0, le=1.0, description="the fraction of layers to run, e.g. 0.5")
-    budget_ramp: int = Field(
-        0, ge=0, description="optimizer steps over which the budget target falls linearly from 1 (every layer "
-                             "runs, as the student starts) to router.budget, e.g. 300; 0: router.budget from the first step")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="inference gate threshold in (0, 1)")
     gate: Literal["soft", "straight_through", "annealed"] = Field(
         "straight_through", description="training gate: soft, straight_through or annealed")

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from pipeline.distill.losses import budget_loss
 from pipeline.models.graph import topk_graph
-from pipeline.models.router import anneal_temperature, budget_gates, budget_target, forward_mode
+from pipeline.models.router import anneal_temperature, budget_gates, forward_mode
 from pipeline.models.student import derive_student
 from pipeline.models.vla import VLA, VLAConfig
 
@@ -17,8 +17,8 @@ def batch(n, g):
     return torch.rand(n, 3, 32, 32, generator=g), [WORDS[i % 4] for i in range(n)], torch.randn(n, 4, generator=g)
 
 
-@pytest.mark.parametrize("gate,ramp", [("straight_through", 0), ("annealed", 0), ("straight_through", 30)])
-def test_budget_term_drives_the_executed_fraction_to_rho(gate, ramp):
+@pytest.mark.parametrize("gate", ["straight_through", "annealed"])
+def test_budget_term_drives_the_executed_fraction_to_rho(gate):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     cfg = VLAConfig(backbone="llama", hidden_size=32, num_layers=10, num_heads=4, num_kv_heads=2,
@@ -34,21 +34,13 @@ def test_budget_term_drives_the_executed_fraction_to_rho(gate, ramp):
             target = teacher(*x).actions                 # random data, the teacher's actions as labels
         temperature = anneal_temperature(step, steps, 0.05) if gate == "annealed" else 1.0
         out = student(*x, mode=forward_mode(gate), temperature=temperature)
-        target_fraction = budget_target(step, ramp, rho)
-        loss = F.mse_loss(out.actions, target) + budget_loss(budget_gates(out.gates, gate, 0.5), target_fraction)
+        loss = F.mse_loss(out.actions, target) + budget_loss(budget_gates(out.gates, gate, 0.5), rho)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
         executed = student.eval()(*batch(64, g), mode="hard").executed.mean().item()
     assert abs(executed - rho) <= 0.1, executed
-
-
-def test_budget_target_falls_from_every_layer_to_rho_over_the_ramp_then_stays():
-    assert budget_target(0, 100, 0.4) == 1.0
-    assert budget_target(50, 100, 0.4) == pytest.approx(0.7)
-    assert budget_target(100, 100, 0.4) == budget_target(5000, 100, 0.4) == 0.4
-    assert budget_target(0, 0, 0.4) == 0.4        # no ramp: rho from the first step
 
 
 def test_straight_through_budget_gates_are_hard_forward_and_soft_backward():

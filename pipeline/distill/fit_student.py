@@ -85,7 +85,7 @@ def fit_student(cfg: PipelineConfig, tracking: Tracking, student_uri: str, run: 
                      ledger_dir=run.ledger_dir if cfg.distill.train.ledger else None,
                      objective=cfg.distill.objective,
                      static_layers=tuple(cfg.router.static_layers) if cfg.router.static_layers else None,
-                     budget_ramp=cfg.router.budget_ramp, router_lr=cfg.router.lr)
+                     router_lr=cfg.router.lr)
     metrics, checkpoint = fit(student_fn_per_worker, job, datasets, cfg.distill.train, run,
                               local=is_local(cfg), reserved=reserved, callbacks=callbacks)
     publish_policy(checkpoint, student_uri)

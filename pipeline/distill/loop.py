@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import os
@@ -30,7 +29,7 @@ from pipeline.distill.losses import LossWeights, distill_loss, regression_loss
 from pipeline.models.checkpoint import load_policy, load_probes, save_state
 from pipeline.models.graph import ProbeSet
 from pipeline.models.hf_import import load_hf_backbone
-from pipeline.models.router import TrainGate, anneal_temperature, budget_gates, budget_target, forward_mode
+from pipeline.models.router import TrainGate, anneal_temperature, budget_gates, forward_mode
 from pipeline.models.student import DistillModule, derive_student
 from pipeline.models.vla import VLA, VLAConfig
 
@@ -81,7 +80,6 @@ class StudentJob:
     ledger_dir: str | None = None
     objective: str = "actdistill"  # or action_regression (ablation: no graph supervision)
     static_layers: tuple[int, ...] | None = None  # a fixed layer subset instead of a router (ablation)
-    budget_ramp: int = 0         # steps over which the budget target falls from 1 to weights.budget
     router_lr: float | None = None  # the router's peak LR; None: train.lr like the rest
 
 
@@ -331,10 +329,9 @@ class StudentObjective(nn.Module):
         return TeacherTargets(sem.float(), act.float(), out.actions.float())
 
     def forward(self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor,
-                actions: torch.Tensor, targets: TeacherTargets | None, temperature: float,
-                budget: float) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+                actions: torch.Tensor, targets: TeacherTargets | None,
+                temperature: float) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         job = self.job
-        weights = dataclasses.replace(job.weights, budget=budget)
         if targets is None:
             targets = self.online_targets(images, instructions, proprio)
         mode = forward_mode(job.gate)
@@ -343,13 +340,13 @@ class StudentObjective(nn.Module):
                                        temperature=temperature)
             gates = out.gates
             loss, parts = regression_loss(out.actions.float(), actions, targets.action,
-                                          budget_gates(gates, job.gate, job.threshold).float(), weights)
+                                          budget_gates(gates, job.gate, job.threshold).float(), job.weights)
         else:
             pred, sem_s, act_s, gates = self.distill(images, instructions, proprio, mode, job.threshold,
                                                      temperature)
             loss, parts = distill_loss(pred.float(), actions, sem_s.float(), act_s.float(), targets.sem,
                                        targets.act, budget_gates(gates, job.gate, job.threshold).float(),
-                                       weights)
+                                       job.weights)
         return loss, parts, (gates >= job.threshold).float().mean()
 
 
@@ -414,10 +411,9 @@ def student_fn_per_worker(loop_config: dict[str, Any]) -> None:
         b = to_model_batch(batch, normalizer, job.image_shape)
         targets = teacher_targets(batch, job, student_cfg.num_layers) if job.teacher_mode == "cached" else None
         temperature = anneal_temperature(step, job.train.steps, job.anneal_to) if job.gate == "annealed" else 1.0
-        budget = budget_target(step, job.budget_ramp, job.weights.budget)
         loss, parts, executed = engine(b["images"].to(dtype), b["instructions"], b["proprio"].to(dtype),
-                                       b["actions"], targets, temperature, budget)
-        return loss, {**parts, "executed_fraction": float(executed), "budget_target": budget}
+                                       b["actions"], targets, temperature)
+        return loss, {**parts, "executed_fraction": float(executed)}
 
     def eval_fn(step: int) -> dict[str, float]:
         val = _val_action_mse(engine.module.distill.student, normalizer, job, dtype)

@@ -17,17 +17,6 @@ def anneal_temperature(step: int, total: int, end: float) -> float:
     return float(end ** (step / max(1, total - 1)))
 
 
-def budget_target(step: int, ramp: int, budget: float) -> float:
-    """The executed fraction the budget term asks for at `step`: 1 -> budget linearly over `ramp` steps.
-
-    Layers then close a few at a time while the kept ones adapt, instead of every gate being pushed
-    from 1 towards rho at once (gradual pruning): with the target fixed at rho from step 0, whole
-    layers flipped for most inputs within a few steps and the task error jumped."""
-    if ramp <= 0 or step >= ramp:
-        return budget
-    return 1.0 - (1.0 - budget) * step / ramp
-
-
 def forward_mode(gate: TrainGate) -> GateMode:
     """How the wrappers apply a training gate: annealed gates are soft gates at a falling temperature."""
     return "soft" if gate == "annealed" else gate

@@ -1,6 +1,6 @@
 """Benchmark: the headline table (teacher vs ActDistill student) and the ablations, from one config.
 
-    MUJOCO_GL=egl .venv/bin/python bench/headline.py                  # jobs/configs/demo.yaml, ~60 min on 2 cores
+    MUJOCO_GL=egl .venv/bin/python bench/headline.py                  # jobs/configs/demo.yaml, ~72 min on 2 cores
     MUJOCO_GL=egl .venv/bin/python bench/headline.py --reuse          # keep stages whose output exists
     MUJOCO_GL=egl .venv/bin/python bench/headline.py --replicates 1   # one student, no spread (~47 min)
 
@@ -216,7 +216,8 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".md").write_text(text + "\n")
     Path(args.out + ".json").write_text(json.dumps({"config": args.config, "overrides": args.overrides,
-                                                    "checks": verdict, "students": out["students"], "seconds": seconds, "reused": out["reused"],
+                                                    "checks": verdict, "students": out["students"],
+                                                    "seconds": seconds, "reused": out["reused"],
                                                     "ablations": out["ablations"], "machine": machine(),
                                                     "report": report}, indent=2))
     print(f"wrote {args.out}.md and {args.out}.json")

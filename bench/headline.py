@@ -186,7 +186,7 @@ def main() -> int:
     parser.add_argument("--config", default=str(REPO / "jobs/configs/demo.yaml"))
     parser.add_argument("--reuse", action="store_true", help="skip stages whose output exists in the run folder")
     parser.add_argument("--replicates", type=int, default=3,
-                        help="students distilled with seeds run.seed, run.seed + 1, ...; every one must meet the targets")
+                        help="students distilled with seeds run.seed, run.seed + 1, ...; each must meet the targets")
     parser.add_argument("--out", default=str(RESULTS / "headline"))
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. evaluate.episodes_per_task=5")
     args = parser.parse_args()
@@ -203,8 +203,8 @@ def main() -> int:
              f"{len(report['seeds'])} episodes, seeds {report['seeds'][0]}-{report['seeds'][-1]})", "",
              table(report, cfg.run.seed), "",
              f"| target | worst of {len(out['students'])} student(s) | every student | met |", "|---|---|---|---|",
-             *[f"| {k} | {v['value']:.3f} | {', '.join(f'{x:.3f}' for x in v['values'])} | {'yes' if v['ok'] else 'NO'} |"
-               for k, v in verdict.items()], "",
+             *[f"| {k} | {v['value']:.3f} | {', '.join(f'{x:.3f}' for x in v['values'])} "
+               f"| {'yes' if v['ok'] else 'NO'} |" for k, v in verdict.items()], "",
              f"Static ablation layers: {out['ablations']['static']['router.static_layers']} (the student ran "
              f"{out['student_fraction']:.2f} of the layers at the end of training).", "",
              "Wall seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())

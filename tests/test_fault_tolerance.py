@@ -77,9 +77,10 @@ def _committed_step(run_folder):
     """The step of the run's latest checkpoint that Ray Train registered (a report still in flight when a
     worker dies is lost, so only a registered checkpoint can be resumed from)."""
     snapshot = run_folder / "checkpoint_manager_snapshot.json"
-    if not snapshot.is_file():
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+    except (FileNotFoundError, json.JSONDecodeError):   # not written yet, or caught mid-write: poll again
         return 0
-    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
     return int(latest.get("metrics", {}).get("step", 0))
 
 
@@ -93,8 +94,11 @@ def _kill_after_checkpoint(run_dir, rank, job, outcome, timeout=600):
         for ledger in (Path(run_dir) / "ray").glob(f"*/ledger/rank{rank}.jsonl"):
             committed = _committed_step(ledger.parent.parent)
             lines = ledger.read_text().splitlines()
-            if committed and lines and json.loads(lines[-1])["step"] >= committed + 2:
-                last = json.loads(lines[-1])
+            try:
+                last = json.loads(lines[-1]) if lines else None
+            except json.JSONDecodeError:   # the worker is mid-way through appending this line
+                last = None
+            if committed and last and last["step"] >= committed + 2:
                 os.kill(last["pid"], signal.SIGKILL)
                 return last["step"]
         time.sleep(0.01)

@@ -128,6 +128,10 @@ class ProbeSection(_Section):
 
 class RouterSection(_Section):
     budget: float = Field(0.5, gt=0.0, le=1.0, description="the fraction of layers to run, e.g. 0.5")
+    budget_scope: Literal["batch", "input"] = Field(
+        "batch", description="batch: the budget bounds the batch's mean executed fraction (inputs may differ); "
+                             "input: it bounds every input's own fraction, so each batch-1 call runs about "
+                             "budget x layers")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="inference gate threshold in (0, 1)")
     gate: Literal["soft", "straight_through", "annealed"] = Field(
         "straight_through", description="training gate: soft, straight_through or annealed")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.distill.losses import (LossWeights, action_loss, align_loss, balance_loss, budget_loss,
-                                     distill_loss, layer_weights, struct_loss)
+                                     distill_loss, layer_weights, regression_loss, struct_loss)
 
 
 def test_layer_weights_follow_gamma_and_average_one():
@@ -62,8 +62,6 @@ def test_total_loss_composes_the_terms_with_their_weights():
 
 
 def test_regression_loss_is_expert_plus_teacher_action_error_plus_budget():
-    from pipeline.distill.losses import regression_loss
-
     g = torch.Generator().manual_seed(1)
     actions, gt, teacher = (torch.randn(6, 4, generator=g) for _ in range(3))
     gates = torch.rand(6, 5, generator=g)
@@ -72,3 +70,17 @@ def test_regression_loss_is_expert_plus_teacher_action_error_plus_budget():
     expected = F.mse_loss(actions, gt) + F.mse_loss(actions, teacher) + 2.0 * (gates.mean() - 0.4) ** 2
     torch.testing.assert_close(total, expected)
     assert set(parts) == {"task", "teacher_action", "budget", "total"}   # no per-layer terms
+
+
+def test_per_input_budget_bounds_every_input_not_just_the_batch_mean():
+    # Two inputs: one runs all 4 layers, one none. The batch mean is on budget (0.5), each input is 0.5 off it.
+    gates = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    assert budget_loss(gates, 0.5).item() == 0.0
+    per_input = budget_loss(gates, 0.5, per_input=True)
+    assert per_input.item() == pytest.approx(0.25)
+    per_input.backward()
+    # The gradient lowers the busy input's gates and raises the idle one's.
+    assert (gates.grad[0] > 0).all() and (gates.grad[1] < 0).all()
+    w = LossWeights(budget=0.5, budget_per_input=True)
+    total, parts = regression_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), gates.detach(), w)
+    assert parts["budget"] == pytest.approx(0.25) and total.item() == pytest.approx(0.25)

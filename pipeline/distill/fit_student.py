@@ -30,7 +30,8 @@ class DistillResult:
 def loss_weights(cfg: PipelineConfig) -> LossWeights:
     d = cfg.distill
     return LossWeights(alpha=d.alpha, beta=d.beta, eta=d.eta, gamma=d.gamma, budget_weight=d.budget_weight,
-                       balance_weight=d.balance_weight, budget=cfg.router.budget)
+                       balance_weight=d.balance_weight, budget=cfg.router.budget,
+                       budget_per_input=cfg.router.budget_scope == "input")
 
 
 def check_probes(probes_uri: str, teacher_hash: str) -> None:

@@ -40,8 +40,12 @@ def action_loss(a_student: torch.Tensor, a_gt: torch.Tensor, a_teacher: torch.Te
     return loss
 
 
-def budget_loss(gates: torch.Tensor, budget: float) -> torch.Tensor:
-    """(mean_{b,l} g - rho)^2: pulls the executed fraction towards the budget."""
+def budget_loss(gates: torch.Tensor, budget: float, per_input: bool = False) -> torch.Tensor:
+    """(mean_{b,l} g - rho)^2: pulls the batch's executed fraction towards the budget. per_input:
+    mean_b (mean_l g_b - rho)^2, every input's own fraction: a bound on each call's compute, where the
+    batch form lets some inputs run more layers than rho L as long as others run fewer."""
+    if per_input:
+        return ((gates.mean(1) - budget) ** 2).mean()
     return (gates.mean() - budget) ** 2
 
 
@@ -60,6 +64,7 @@ class LossWeights:
     budget_weight: float = 1.0
     balance_weight: float = 0.0
     budget: float = 0.5
+    budget_per_input: bool = False
 
 
 def distill_loss(actions: torch.Tensor, a_gt: torch.Tensor, sem_s: torch.Tensor, act_s: torch.Tensor,
@@ -105,7 +110,7 @@ def regression_loss(actions: torch.Tensor, a_gt: torch.Tensor, a_teacher: torch.
 
 def _router_terms(gates: torch.Tensor, w: LossWeights) -> tuple[torch.Tensor, torch.Tensor]:
     """budget_weight * budget (+ balance_weight * balance), and the budget term alone for logging."""
-    budget = budget_loss(gates, w.budget)
+    budget = budget_loss(gates, w.budget, w.budget_per_input)
     total = w.budget_weight * budget
     if w.balance_weight > 0:
         total = total + w.balance_weight * balance_loss(gates)

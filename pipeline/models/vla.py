@@ -97,11 +97,11 @@ def vision_stem(kind: str, d: int, patch_size: int) -> nn.Module:
 
 def tokenize(instructions: list[str], vocab_size: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Hash words into vocab buckets (0 is padding): deterministic, offline, no tokenizer download."""
-    ids = torch.zeros(len(instructions), max_len, dtype=torch.long)
-    for row, text in enumerate(instructions):
-        words = str(text).lower().split()[:max_len]
-        for col, word in enumerate(words):
-            ids[row, col] = 1 + zlib.crc32(word.encode()) % (vocab_size - 1)
+    rows = [[1 + zlib.crc32(word.encode()) % (vocab_size - 1) for word in str(text).lower().split()[:max_len]]
+            for text in instructions]
+    # One tensor from padded lists: writing ids element by element cost ~0.07 ms per batch-1 call.
+    ids = torch.tensor([row + [0] * (max_len - len(row)) for row in rows], dtype=torch.long)
+    ids = ids.reshape(len(instructions), max_len)
     return ids, (ids != 0).long()
 
 

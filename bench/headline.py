@@ -1,7 +1,7 @@
 """Benchmark: the headline table (teacher vs ActDistill student) and the ablations, from one config.
 
     MUJOCO_GL=egl .venv/bin/python bench/headline.py                  # jobs/configs/demo.yaml, ~72 min on 2 cores
-    MUJOCO_GL=egl .venv/bin/python bench/headline.py --reuse          # keep stages whose output exists
+    MUJOCO_GL=egl .venv/bin/python bench/headline.py --reuse          # keep stages made under the same config
     MUJOCO_GL=egl .venv/bin/python bench/headline.py --replicates 1   # one student, no spread (~47 min)
 
 Runs, in one process and one Ray session: collect -> train-teacher -> probe-teacher -> distill (the
@@ -23,6 +23,7 @@ Ablations (METHOD.md, issue 6), each at the student's compute unless the ablatio
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -40,7 +41,7 @@ from pipeline.config import PipelineConfig, load_config, with_overrides  # noqa:
 from pipeline.ray_runtime import start_ray  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
-STATE = "headline_state.json"    # per-stage wall seconds and the student's fraction, kept for --reuse
+STATE = "headline_state.json"    # per-stage wall seconds, config digests and the student's fraction (--reuse)
 
 # Targets of issue 6.
 TEACHER_MIN, SUCCESS_DROP, FLOPS_MAX, SPEEDUP_MIN = 0.60, 0.03, 0.50, 1.6
@@ -66,29 +67,54 @@ def ablations(student_fraction: float, num_layers: int) -> dict[str, dict[str, A
     }
 
 
+# The config sections each stage's output depends on: --reuse keeps an output only if these are unchanged.
+STAGE_INPUTS = {"collect": ("collect",), "train-teacher": ("collect", "data", "model", "teacher", "run.seed"),
+                "probe-teacher": ("collect", "data", "model", "teacher", "run.seed", "probe")}
+STUDENT_INPUTS = (*STAGE_INPUTS["probe-teacher"], "router", "distill")
+
+
+def inputs_digest(cfg: PipelineConfig, sections: tuple[str, ...]) -> str:
+    """A digest of the named config sections (dotted for a single field, e.g. run.seed)."""
+    dumped = cfg.model_dump(mode="json")
+    picked = {}
+    for key in sections:
+        value: Any = dumped
+        for part in key.split("."):
+            value = value[part]
+        picked[key] = value
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class Stages:
-    """Runs stages in order, timing each; with reuse, a stage whose output exists is skipped and its
-    earlier time (from the run folder) is reported instead, until one stage runs: every later stage then
-    runs too (its inputs changed)."""
+    """Runs stages in order, timing each; with reuse, a stage whose output exists and whose config inputs
+    are those it ran with is skipped and its earlier time (from the run folder) is reported instead, until
+    one stage runs: every later stage then runs too (its inputs changed)."""
 
     def __init__(self, cfg: PipelineConfig, reuse: bool) -> None:
         self.reuse = reuse
         self.path = cfg.stage_dir(STATE)
         self.state: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.seconds: dict[str, float] = self.state.setdefault("seconds", {})
+        self.digests: dict[str, str] = self.state.setdefault("digests", {})
         self.reused: list[str] = []
 
-    def run(self, name: str, output: Path | None, fn: Callable[[], Any]) -> Any:
-        """output None: always run (evaluate: the table must come from one measurement)."""
+    def run(self, name: str, output: Path | None, fn: Callable[[], Any], digest: str | None = None) -> Any:
+        """output None: always run (evaluate: the table must come from one measurement). digest: of the
+        config the output depends on; a different (or unrecorded) one means the output is stale."""
         if self.reuse and output is not None and output.exists() and name in self.seconds:
-            print(f"=== {name}: reusing {output} ({self.seconds[name]:.0f} s when it ran)")
-            self.reused.append(name)
-            return None
+            if digest is None or self.digests.get(name) == digest:
+                print(f"=== {name}: reusing {output} ({self.seconds[name]:.0f} s when it ran)")
+                self.reused.append(name)
+                return None
+            print(f"=== {name}: {output} was made under another config ({STATE} digest "
+                  f"{self.digests.get(name)}, now {digest}); running it again")
         print(f"=== {name}")
         self.reuse = False
         started = time.perf_counter()
         result = fn()
         self.seconds[name] = time.perf_counter() - started
+        if digest is not None:
+            self.digests[name] = digest
         self.save()
         return result
 
@@ -100,10 +126,14 @@ class Stages:
 def run(cfg: PipelineConfig, reuse: bool, replicates: int) -> dict[str, Any]:
     start_ray(cfg)
     stages = Stages(cfg, reuse)
-    stages.run("collect", Path(cfg.shards_uri) / "manifest.json", lambda: collect.main(cfg))
-    stages.run("train-teacher", cfg.stage_dir("teacher") / "model.safetensors", lambda: train_teacher.main(cfg))
-    stages.run("probe-teacher", Path(cfg.labelled_uri) / "labels.json", lambda: probe_teacher.main(cfg))
-    result = stages.run("distill", cfg.stage_dir("student") / "model.safetensors", lambda: distill.main(cfg))
+    stages.run("collect", Path(cfg.shards_uri) / "manifest.json", lambda: collect.main(cfg),
+               inputs_digest(cfg, STAGE_INPUTS["collect"]))
+    stages.run("train-teacher", cfg.stage_dir("teacher") / "model.safetensors", lambda: train_teacher.main(cfg),
+               inputs_digest(cfg, STAGE_INPUTS["train-teacher"]))
+    stages.run("probe-teacher", Path(cfg.labelled_uri) / "labels.json", lambda: probe_teacher.main(cfg),
+               inputs_digest(cfg, STAGE_INPUTS["probe-teacher"]))
+    result = stages.run("distill", cfg.stage_dir("student") / "model.safetensors", lambda: distill.main(cfg),
+                        inputs_digest(cfg, STUDENT_INPUTS))
     if result is not None:   # the routed student's executed fraction at the end of training
         stages.state["student_fraction"] = float(result.metrics["final_executed_fraction"])
         stages.save()
@@ -118,10 +148,10 @@ def run(cfg: PipelineConfig, reuse: bool, replicates: int) -> dict[str, Any]:
     others = {name: (f"ablation {name}", f"ablations/{name}", overrides) for name, overrides in variants.items()}
     extra = {}
     for name, (stage, folder, overrides) in {**replicas, **others}.items():
-        uri = cfg.stage_dir(folder)
+        uri, variant = cfg.stage_dir(folder), with_overrides(cfg, overrides)
         stages.run(stage, uri / "model.safetensors",
-                   lambda o=overrides, u=uri, n=stage: distill.main(with_overrides(cfg, o), student_uri=str(u),
-                                                                    run_name=n))
+                   lambda v=variant, u=uri, n=stage: distill.main(v, student_uri=str(u), run_name=n),
+                   inputs_digest(variant, STUDENT_INPUTS))
         extra[name] = folder
     students = ["student", *replicas]
     report = stages.run("evaluate", None,
@@ -184,7 +214,8 @@ def machine() -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "jobs/configs/demo.yaml"))
-    parser.add_argument("--reuse", action="store_true", help="skip stages whose output exists in the run folder")
+    parser.add_argument("--reuse", action="store_true",
+                        help="skip stages whose output exists in the run folder, made under the same config")
     parser.add_argument("--replicates", type=int, default=3,
                         help="students distilled with seeds run.seed, run.seed + 1, ...; each must meet the targets")
     parser.add_argument("--out", default=str(RESULTS / "headline"))

@@ -47,3 +47,35 @@ def test_a_target_is_met_only_if_every_replicate_student_meets_it():
     assert verdict["student batch-1 latency >= 1.6x lower"]["value"] == 1.46
     assert verdict["student success >= teacher - 3 pts"]["ok"]
     assert "| ActDistill student (seed 1) | 0.710" in table(report)
+
+
+def test_reuse_keeps_a_stage_only_if_its_config_inputs_are_unchanged(tmp_path):
+    from bench.headline import STUDENT_INPUTS, Stages, inputs_digest
+    from pipeline.config import PipelineConfig, with_overrides
+
+    cfg = with_overrides(PipelineConfig(), {"run.run_dir": str(tmp_path)})
+    ran: list[str] = []
+
+    def bench(digest, tag):
+        """Two student stages in a row, as the bench runs the student and then a replicate."""
+        stages = Stages(cfg, reuse=True)
+        for name in ("distill", "replicate seed 1"):
+            output = tmp_path / name / "model.safetensors"
+
+            def fn(output=output, name=name):
+                output.parent.mkdir(parents=True, exist_ok=True)
+                output.write_text(tag)
+                ran.append(f"{name} ({tag})")
+            stages.run(name, output, fn, digest)
+
+    digest = inputs_digest(cfg, STUDENT_INPUTS)
+    bench(digest, "first")
+    bench(digest, "same config")
+    assert ran == ["distill (first)", "replicate seed 1 (first)"]          # same inputs: both reused
+    # Evaluation settings are not an input of a student; its router config is.
+    assert inputs_digest(with_overrides(cfg, {"evaluate.episodes_per_task": 9}), STUDENT_INPUTS) == digest
+    changed = inputs_digest(with_overrides(cfg, {"router.budget": 0.3}), STUDENT_INPUTS)
+    assert changed != digest
+    bench(changed, "new router")
+    assert ran[2:] == ["distill (new router)", "replicate seed 1 (new router)"]
+    assert (tmp_path / "distill" / "model.safetensors").read_text() == "new router"

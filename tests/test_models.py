@@ -35,6 +35,20 @@ def test_student_with_router_forced_open_equals_teacher(backbone):
     torch.testing.assert_close(student(*x, mode="off").actions, teacher(*x).actions, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("backbone", ["llama", "qwen2", "mistral"])
+def test_prepared_attention_mask_gives_the_decoders_own_outputs_bit_for_bit(backbone):
+    # The VLA hands the decoder a ready 4-D mask (cheaper at batch 1); instructions of 1-4 words pad differently.
+    torch.manual_seed(0)
+    model = VLA(tiny(backbone)).eval()
+    tokens, mask, *_ = model.embed(*inputs())
+    assert (mask == 0).any()
+    with torch.no_grad():
+        own = model.backbone(inputs_embeds=tokens, attention_mask=mask, use_cache=False).last_hidden_state
+        prepared = model.backbone(inputs_embeds=tokens, attention_mask=model._attention_mask(mask),
+                                  use_cache=False).last_hidden_state
+    assert torch.equal(own, prepared)
+
+
 def _set_gates(model, logits):
     model.router.out.weight.data.zero_()
     model.router.out.bias.data = torch.tensor(logits, dtype=torch.float32)

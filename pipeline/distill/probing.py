@@ -64,7 +64,7 @@ def _probe_step(teacher: VLA, probes: ProbeSet, optimizer: torch.optim.Optimizer
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 class TeacherLabeler:

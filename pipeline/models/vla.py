@@ -186,10 +186,11 @@ class VLA(nn.Module):
     def _attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """The decoder's B x 1 x N x N boolean mask (causal, padding keys masked), the one its sdpa path
         builds from the B x N token mask, in two tensor ops: the decoder's own builder cost ~0.2 ms of a
-        ~3 ms batch-1 student call. A backbone with a sliding window shorter than the sequence builds
-        its own (the window is part of its mask)."""
-        window = getattr(self.backbone.config, "sliding_window", None)
-        if window is not None and window < mask.shape[1]:
+        ~3 ms batch-1 student call. Another attention implementation (eager wants an additive float
+        mask) or a sliding window shorter than the sequence: the decoder builds its own."""
+        config = self.backbone.config
+        window = getattr(config, "sliding_window", None)
+        if config._attn_implementation != "sdpa" or (window is not None and window < mask.shape[1]):
             return mask
         causal = torch.ones(mask.shape[1], mask.shape[1], dtype=torch.bool, device=mask.device).tril()
         return causal & mask.bool()[:, None, None, :]

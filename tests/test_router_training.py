@@ -43,12 +43,15 @@ def test_budget_term_drives_the_executed_fraction_to_rho(gate):
     assert abs(executed - rho) <= 0.1, executed
 
 
-def test_straight_through_budget_gates_are_hard_forward_and_soft_backward():
-    gates = torch.tensor([[0.2, 0.7]], requires_grad=True)
-    used = budget_gates(gates, "straight_through", 0.5)
-    assert used.tolist() == [[0.0, 1.0]]
+@pytest.mark.parametrize("gate", ["straight_through", "annealed"])
+def test_budget_gates_are_the_executed_pattern_forward_and_soft_backward(gate):
+    # A gate parked at 0.55 runs its layer at inference: the budget counts it as 1, not 0.55.
+    gates = torch.tensor([[0.2, 0.55]], requires_grad=True)
+    used = budget_gates(gates, gate, 0.5)
+    torch.testing.assert_close(used, torch.tensor([[0.0, 1.0]]))
     used.sum().backward()
     assert gates.grad.tolist() == [[1.0, 1.0]]
+    assert budget_gates(gates, "soft", 0.5) is gates
 
 
 def test_topk_graph_keeps_the_k_largest_scaled_logits_and_never_links_to_padding():

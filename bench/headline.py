@@ -1,6 +1,6 @@
 """Benchmark: the headline table (teacher vs ActDistill student) and the ablations, from one config.
 
-    MUJOCO_GL=egl .venv/bin/python bench/headline.py                  # jobs/configs/demo.yaml, ~72 min on 2 cores
+    MUJOCO_GL=egl .venv/bin/python bench/headline.py                  # demo.yaml: 72 min to 2.4 h on 2 cores
     MUJOCO_GL=egl .venv/bin/python bench/headline.py --reuse          # keep stages made under the same config
     MUJOCO_GL=egl .venv/bin/python bench/headline.py --replicates 1   # one student, no spread (~47 min)
 

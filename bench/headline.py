@@ -23,7 +23,6 @@ Ablations (METHOD.md, issue 6), each at the student's compute unless the ablatio
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -68,21 +67,9 @@ def ablations(student_fraction: float, num_layers: int) -> dict[str, dict[str, A
 
 
 # The config sections each stage's output depends on: --reuse keeps an output only if these are unchanged.
-STAGE_INPUTS = {"collect": ("collect",), "train-teacher": ("collect", "data", "model", "teacher", "run.seed"),
-                "probe-teacher": ("collect", "data", "model", "teacher", "run.seed", "probe")}
+TEACHER_INPUTS = ("collect", "data", "model", "teacher", "run.seed")
+STAGE_INPUTS = {"collect": ("collect",), "train-teacher": TEACHER_INPUTS, "probe-teacher": (*TEACHER_INPUTS, "probe")}
 STUDENT_INPUTS = (*STAGE_INPUTS["probe-teacher"], "router", "distill")
-
-
-def inputs_digest(cfg: PipelineConfig, sections: tuple[str, ...]) -> str:
-    """A digest of the named config sections (dotted for a single field, e.g. run.seed)."""
-    dumped = cfg.model_dump(mode="json")
-    picked = {}
-    for key in sections:
-        value: Any = dumped
-        for part in key.split("."):
-            value = value[part]
-        picked[key] = value
-    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class Stages:
@@ -127,13 +114,13 @@ def run(cfg: PipelineConfig, reuse: bool, replicates: int) -> dict[str, Any]:
     start_ray(cfg)
     stages = Stages(cfg, reuse)
     stages.run("collect", Path(cfg.shards_uri) / "manifest.json", lambda: collect.main(cfg),
-               inputs_digest(cfg, STAGE_INPUTS["collect"]))
+               cfg.digest(STAGE_INPUTS["collect"]))
     stages.run("train-teacher", cfg.stage_dir("teacher") / "model.safetensors", lambda: train_teacher.main(cfg),
-               inputs_digest(cfg, STAGE_INPUTS["train-teacher"]))
+               cfg.digest(STAGE_INPUTS["train-teacher"]))
     stages.run("probe-teacher", Path(cfg.labelled_uri) / "labels.json", lambda: probe_teacher.main(cfg),
-               inputs_digest(cfg, STAGE_INPUTS["probe-teacher"]))
+               cfg.digest(STAGE_INPUTS["probe-teacher"]))
     result = stages.run("distill", cfg.stage_dir("student") / "model.safetensors", lambda: distill.main(cfg),
-                        inputs_digest(cfg, STUDENT_INPUTS))
+                        cfg.digest(STUDENT_INPUTS))
     if result is not None:   # the routed student's executed fraction at the end of training
         stages.state["student_fraction"] = float(result.metrics["final_executed_fraction"])
         stages.save()
@@ -151,7 +138,7 @@ def run(cfg: PipelineConfig, reuse: bool, replicates: int) -> dict[str, Any]:
         uri, variant = cfg.stage_dir(folder), with_overrides(cfg, overrides)
         stages.run(stage, uri / "model.safetensors",
                    lambda v=variant, u=uri, n=stage: distill.main(v, student_uri=str(u), run_name=n),
-                   inputs_digest(variant, STUDENT_INPUTS))
+                   variant.digest(STUDENT_INPUTS))
         extra[name] = folder
     students = ["student", *replicas]
     report = stages.run("evaluate", None,

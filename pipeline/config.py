@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -236,11 +237,14 @@ class PipelineConfig(_Section):
             return self.tracking.tracking_uri
         return f"sqlite:///{(Path(self.run.run_dir).resolve() / 'mlflow.db')}"
 
-    def digest(self) -> str:
-        """A short hash of the resolved config, recorded with every run and model version. run.resume is
-        left out: continuing a run does not change what it trains."""
+    def digest(self, sections: tuple[str, ...] | None = None) -> str:
+        """A short hash of the resolved config, recorded with every run and model version; with sections,
+        of those alone (dotted for one field, e.g. run.seed). run.resume is left out: continuing a run does
+        not change what it trains."""
         data = self.model_dump(mode="json")
         data["run"].pop("resume")
+        if sections is not None:
+            data = {key: functools.reduce(lambda value, part: value[part], key.split("."), data) for key in sections}
         text = json.dumps(data, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 

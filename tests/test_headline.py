@@ -50,7 +50,7 @@ def test_a_target_is_met_only_if_every_replicate_student_meets_it():
 
 
 def test_reuse_keeps_a_stage_only_if_its_config_inputs_are_unchanged(tmp_path):
-    from bench.headline import STUDENT_INPUTS, Stages, inputs_digest
+    from bench.headline import STUDENT_INPUTS, Stages
     from pipeline.config import PipelineConfig, with_overrides
 
     cfg = with_overrides(PipelineConfig(), {"run.run_dir": str(tmp_path)})
@@ -68,13 +68,13 @@ def test_reuse_keeps_a_stage_only_if_its_config_inputs_are_unchanged(tmp_path):
                 ran.append(f"{name} ({tag})")
             stages.run(name, output, fn, digest)
 
-    digest = inputs_digest(cfg, STUDENT_INPUTS)
+    digest = cfg.digest(STUDENT_INPUTS)
     bench(digest, "first")
     bench(digest, "same config")
     assert ran == ["distill (first)", "replicate seed 1 (first)"]          # same inputs: both reused
     # Evaluation settings are not an input of a student; its router config is.
-    assert inputs_digest(with_overrides(cfg, {"evaluate.episodes_per_task": 9}), STUDENT_INPUTS) == digest
-    changed = inputs_digest(with_overrides(cfg, {"router.budget": 0.3}), STUDENT_INPUTS)
+    assert with_overrides(cfg, {"evaluate.episodes_per_task": 9}).digest(STUDENT_INPUTS) == digest
+    changed = with_overrides(cfg, {"router.budget": 0.3}).digest(STUDENT_INPUTS)
     assert changed != digest
     bench(changed, "new router")
     assert ran[2:] == ["distill (new router)", "replicate seed 1 (new router)"]

@@ -137,6 +137,12 @@ class VLA(nn.Module):
         for i, layer in enumerate(list(self.backbone.layers)):
             self.backbone.layers[i] = GatedLayer(layer, i, self.gate_state)
         self.action_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.action_dim))
+        # The decoder's sdpa mask, causal part: built once (see _attention_mask); None where the decoder must
+        # build its own. Not saved with the weights.
+        window = getattr(hf_cfg, "sliding_window", None)
+        prepared = hf_cfg._attn_implementation == "sdpa" and (window is None or window >= cfg.seq_len)
+        causal = torch.ones(cfg.seq_len, cfg.seq_len, dtype=torch.bool).tril() if prepared else None
+        self.register_buffer("causal", causal, persistent=False)
         self.router: Router | StaticRouter | None = None
         if cfg.router_hidden:
             self.router = Router(d, cfg.router_hidden, cfg.num_layers)
@@ -185,16 +191,12 @@ class VLA(nn.Module):
 
     def _attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """The decoder's B x 1 x N x N boolean mask (causal, padding keys masked), the one its sdpa path
-        builds from the B x N token mask, in two tensor ops: the decoder's own builder cost ~0.2 ms of a
+        builds from the B x N token mask, in one tensor op: the decoder's own builder cost ~0.2 ms of a
         ~3 ms batch-1 student call. Another attention implementation (eager wants an additive float
         mask) or a sliding window shorter than the sequence: the decoder builds its own."""
-        config = self.backbone.config
-        window = getattr(config, "sliding_window", None)
-        if config._attn_implementation != "sdpa" or (window is not None and window < mask.shape[1]):
+        if self.causal is None:
             return mask
-        causal = torch.ones(mask.shape[1], mask.shape[1], dtype=torch.bool, device=mask.device).tril()
-        return causal & mask.bool()[:, None, None, :]
-
+        return self.causal & mask.bool()[:, None, None, :]
 
 
 def teacher_config(model: ModelSection, image_shape: list[int], proprio_dim: int, action_dim: int) -> VLAConfig:

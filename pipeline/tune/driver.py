@@ -106,8 +106,8 @@ def run_trials(cfg: PipelineConfig, space: dict[str, Any], parent_run_id: str
 
 def _close_stopped_runs(parent_run_id: str) -> None:
     """Trials ASHA stopped were interrupted inside their MLflow run; mark those runs KILLED. Killed outright
-    the run stays RUNNING; stopped by an exception in the trial, its `with start_run()` ends it FAILED (seen
-    on a slower machine). Called only after no trial reported an error, so neither is a real failure."""
+    the run stays RUNNING; on a slower machine one ended FAILED (likely the stop arriving as an exception
+    inside its `with start_run()`). Called only after no trial reported an error, so neither is a real failure."""
     client = mlflow.MlflowClient()
     for run in client.search_runs([client.get_run(parent_run_id).info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"):

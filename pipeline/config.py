@@ -111,7 +111,8 @@ class TrainSection(_Section):
                             "parameters, stage 3); `actdistill plan` says when a cluster needs it")
     log_every: int = Field(10, ge=1, description="steps between logged metrics")
     augment_shift: int = Field(0, ge=0, le=16, description="random-shift augmentation of training images: pad "
-                                                           "by this many pixels and crop back at random, 0 for none")
+                                                           "by this many pixels and crop back at random, 0 for none "
+                                                           "(distill: with teacher_mode online only)")
     checkpoint_every: int = Field(0, ge=0, description="optimizer steps between resumable checkpoints "
                                                        "(DeepSpeed state + exported policy); 0: only at the end")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on storage (oldest deleted), e.g. 2")
@@ -274,10 +275,10 @@ def _cross_checks(cfg: PipelineConfig) -> list[str]:
                                or not all(0 <= i < m.num_layers for i in static)):
         problems.append(f"router.static_layers={static}: needs distinct layer indices in [0, {m.num_layers - 1}] "
                         f"(model.num_layers={m.num_layers}), e.g. [1, 3, 5, 7]; or null for a learned router")
-    if cfg.distill.train.augment_shift:
-        problems.append(f"distill.train.augment_shift={cfg.distill.train.augment_shift}: augmentation applies to "
-                        f"teacher training only (cached teacher targets belong to the unshifted images); "
-                        f"set it to 0 and use teacher.augment_shift")
+    if cfg.distill.train.augment_shift and cfg.distill.teacher_mode == "cached":
+        problems.append(f"distill.train.augment_shift={cfg.distill.train.augment_shift}: cached teacher targets "
+                        f"belong to the unshifted images; set distill.teacher_mode=online (the teacher labels "
+                        f"the shifted images in each step) or augment_shift=0")
     if cfg.collect.image_size % m.patch_size:
         problems.append(f"model.patch_size={m.patch_size}: must divide collect.image_size="
                         f"{cfg.collect.image_size}; e.g. 8 or 16")

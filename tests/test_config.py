@@ -88,7 +88,9 @@ def test_demo_config_and_ablation_keys_are_checked():
                             "model.vision_stem=mlp", "model.patch_size=6", "collect.image_size=60"])
     message = str(err.value)
     assert "router.static_layers=[0, 9]: needs distinct layer indices in [0, 3]" in message
-    assert "distill.train.augment_shift=4: augmentation applies to teacher training only" in message
+    assert "distill.train.augment_shift=4: cached teacher targets belong to the unshifted images" in message
     assert "model.vision_stem=mlp needs a multiple of 4" in message
-    ok = load_config(SMOKE, ["router.static_layers=[1,3]", "distill.objective=action_regression"])
+    ok = load_config(SMOKE, ["router.static_layers=[1,3]", "distill.objective=action_regression",
+                             "distill.teacher_mode=online", "distill.train.augment_shift=4"])
     assert ok.router.static_layers == [1, 3] and ok.distill.objective == "action_regression"
+    assert ok.distill.train.augment_shift == 4   # online: the teacher labels the shifted images

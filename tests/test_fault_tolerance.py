@@ -1,5 +1,5 @@
 """Training survives failures: a killed worker resumes from the last checkpoint (ZeRO-2), and an interrupted
-run continues with --resume (ZeRO-3, online teacher), with no optimizer step or row lost or repeated."""
+run continues with --resume (ZeRO-3, online teacher on shifted images), with no optimizer step or row lost or repeated."""
 
 import json
 import os
@@ -181,7 +181,8 @@ def test_an_interrupted_zero3_online_distill_continues_with_resume(shards, tmp_p
     train = _train("distill.train", dict(steps=steps, batch_size=8, checkpoint_every=every, ledger="true",
                                          max_failures=0, zero_stage=3, log_every=6))
     config, overrides = _config_file(tmp_path, tmp_path / "run", shards,
-                                     train + ["distill.teacher_mode=online", "distill.eval_every=0"])
+                                     train + ["distill.teacher_mode=online", "distill.eval_every=0",
+                                              "distill.train.augment_shift=2"])   # online: shifts allowed
     cfg = load_config(config, overrides)
     _teacher_and_probes(cfg)
 

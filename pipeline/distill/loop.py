@@ -410,8 +410,11 @@ def student_fn_per_worker(loop_config: dict[str, Any]) -> None:
     def step_fn(batch: dict[str, np.ndarray], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         b = to_model_batch(batch, normalizer, job.image_shape)
         targets = teacher_targets(batch, job, student_cfg.num_layers) if job.teacher_mode == "cached" else None
+        # Shifts only in online mode (the config refuses them with cached labels): there the frozen teacher
+        # labels the same shifted images inside the objective. Seeded per micro-batch by _train.
+        images = random_shift(b["images"], job.train.augment_shift)
         temperature = anneal_temperature(step, job.train.steps, job.anneal_to) if job.gate == "annealed" else 1.0
-        loss, parts, executed = engine(b["images"].to(dtype), b["instructions"], b["proprio"].to(dtype),
+        loss, parts, executed = engine(images.to(dtype), b["instructions"], b["proprio"].to(dtype),
                                        b["actions"], targets, temperature)
         return loss, {**parts, "executed_fraction": float(executed)}
 

@@ -1,5 +1,6 @@
 """Training survives failures: a killed worker resumes from the last checkpoint (ZeRO-2), and an interrupted
-run continues with --resume (ZeRO-3, online teacher on shifted images), with no optimizer step or row lost or repeated."""
+run continues with --resume (ZeRO-3, online teacher on shifted images), with no optimizer step or row lost
+or repeated."""
 
 import json
 import os

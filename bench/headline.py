@@ -23,6 +23,7 @@ Ablations (METHOD.md, issue 6), each at the student's compute unless the ablatio
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -35,9 +36,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-from jobs import collect, distill, evaluate, probe_teacher, train_teacher  # noqa: E402
+from jobs import distill, evaluate  # noqa: E402
 from pipeline.config import PipelineConfig, load_config, with_overrides  # noqa: E402
+from pipeline.evaluate.report import EvaluationReport, Ratios  # noqa: E402
 from pipeline.ray_runtime import start_ray  # noqa: E402
+from pipeline.stages import STAGES, RunPaths, inputs_digest  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 STATE = "headline_state.json"    # per-stage wall seconds, config digests and the student's fraction (--reuse)
@@ -66,10 +69,8 @@ def ablations(student_fraction: float, num_layers: int) -> dict[str, dict[str, A
     }
 
 
-# The config sections each stage's output depends on: --reuse keeps an output only if these are unchanged.
-TEACHER_INPUTS = ("collect", "data", "model", "teacher", "run.seed")
-STAGE_INPUTS = {"collect": ("collect",), "train-teacher": TEACHER_INPUTS, "probe-teacher": (*TEACHER_INPUTS, "probe")}
-STUDENT_INPUTS = (*STAGE_INPUTS["probe-teacher"], "router", "distill")
+# The pipeline's own stages the bench runs before its replicates and ablations (pipeline/stages.py order).
+MADE = ("collect", "train-teacher", "probe-teacher", "distill")
 
 
 class Stages:
@@ -79,16 +80,16 @@ class Stages:
 
     def __init__(self, cfg: PipelineConfig, reuse: bool) -> None:
         self.reuse = reuse
-        self.path = cfg.stage_dir(STATE)
+        self.path = RunPaths.of(cfg).root / STATE
         self.state: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.seconds: dict[str, float] = self.state.setdefault("seconds", {})
         self.digests: dict[str, str] = self.state.setdefault("digests", {})
         self.reused: list[str] = []
 
-    def run(self, name: str, output: Path | None, fn: Callable[[], Any], digest: str | None = None) -> Any:
+    def run(self, name: str, output: str | Path | None, fn: Callable[[], Any], digest: str | None = None) -> Any:
         """output None: always run (evaluate: the table must come from one measurement). digest: of the
         config the output depends on; a different (or unrecorded) one means the output is stale."""
-        if self.reuse and output is not None and output.exists() and name in self.seconds:
+        if self.reuse and output is not None and Path(output).exists() and name in self.seconds:
             if digest is None or self.digests.get(name) == digest:
                 print(f"=== {name}: reusing {output} ({self.seconds[name]:.0f} s when it ran)")
                 self.reused.append(name)
@@ -112,17 +113,14 @@ class Stages:
 
 def run(cfg: PipelineConfig, reuse: bool, replicates: int) -> dict[str, Any]:
     start_ray(cfg)
-    stages = Stages(cfg, reuse)
-    stages.run("collect", Path(cfg.shards_uri) / "manifest.json", lambda: collect.main(cfg),
-               cfg.digest(STAGE_INPUTS["collect"]))
-    stages.run("train-teacher", cfg.stage_dir("teacher") / "model.safetensors", lambda: train_teacher.main(cfg),
-               cfg.digest(STAGE_INPUTS["train-teacher"]))
-    stages.run("probe-teacher", Path(cfg.labelled_uri) / "labels.json", lambda: probe_teacher.main(cfg),
-               cfg.digest(STAGE_INPUTS["probe-teacher"]))
-    result = stages.run("distill", cfg.stage_dir("student") / "model.safetensors", lambda: distill.main(cfg),
-                        cfg.digest(STUDENT_INPUTS))
-    if result is not None:   # the routed student's executed fraction at the end of training
-        stages.state["student_fraction"] = float(result.metrics["final_executed_fraction"])
+    stages, paths = Stages(cfg, reuse), RunPaths.of(cfg)
+    made = {}
+    for step in (s for s in STAGES if s.name in MADE):
+        job = importlib.import_module(f"jobs.{step.job}")
+        made[step.name] = stages.run(step.name, step.done_file(paths), lambda job=job: job.main(cfg),
+                                     inputs_digest(cfg, step.name))
+    if made["distill"] is not None:   # the routed student's executed fraction at the end of training
+        stages.state["student_fraction"] = float(made["distill"].metrics["final_executed_fraction"])
         stages.save()
     if "student_fraction" not in stages.state:
         raise SystemExit(f"{stages.path} does not record the student's executed fraction (the student was not "
@@ -134,11 +132,11 @@ def run(cfg: PipelineConfig, reuse: bool, replicates: int) -> dict[str, Any]:
                 for s in replicate_seeds(cfg.run.seed, replicates)}
     others = {name: (f"ablation {name}", f"ablations/{name}", overrides) for name, overrides in variants.items()}
     extra = {}
-    for name, (stage, folder, overrides) in {**replicas, **others}.items():
-        uri, variant = cfg.stage_dir(folder), with_overrides(cfg, overrides)
-        stages.run(stage, uri / "model.safetensors",
-                   lambda v=variant, u=uri, n=stage: distill.main(v, student_uri=str(u), run_name=n),
-                   variant.digest(STUDENT_INPUTS))
+    for name, (label, folder, overrides) in {**replicas, **others}.items():
+        uri, variant = paths.root / folder, with_overrides(cfg, overrides)
+        stages.run(label, uri / "model.safetensors",
+                   lambda v=variant, u=uri, n=label: distill.main(v, student_uri=str(u), run_name=n),
+                   inputs_digest(variant, "distill"))
         extra[name] = folder
     students = ["student", *replicas]
     report = stages.run("evaluate", None,
@@ -159,34 +157,35 @@ def _label(name: str, seed: int) -> str:
     return LABELS.get(name, name)
 
 
-def table(report: dict[str, Any], seed: int = 0) -> str:
+def table(report: EvaluationReport, seed: int = 0) -> str:
     """One row per policy: what each part of the method buys, against the same teacher episodes."""
     rows = ["| policy | success (95% CI) | vs teacher | backbone FLOPs | total FLOPs | latency speed-up "
             "| layers run | held-out action MSE |", "|---|---|---|---|---|---|---|---|"]
-    for name, b in report["policies"].items():
-        r = report.get("ratios", {}).get(name, {"success_delta": 0.0, "backbone_flops_ratio": 1.0,
-                                                "total_flops_ratio": 1.0, "latency_speedup": 1.0})
-        lo, hi = b["ci95"]
-        rows.append(f"| {_label(name, seed)} | {b['success']:.3f} ({lo:.2f}-{hi:.2f}, n={b['episodes']}) "
-                    f"| {100 * r['success_delta']:+.1f} pts | x{r['backbone_flops_ratio']:.2f} "
-                    f"| x{r['total_flops_ratio']:.2f} | x{r['latency_speedup']:.2f} "
-                    f"| {b['executed_fraction']:.2f} | {b['action_mse_norm']:.4f} |")
+    itself = Ratios(success_delta=0.0, backbone_flops_ratio=1.0, total_flops_ratio=1.0, latency_speedup=1.0)
+    for name, b in report.policies.items():
+        r = (report.ratios or {}).get(name, itself)
+        lo, hi = b.ci95
+        rows.append(f"| {_label(name, seed)} | {b.success:.3f} ({lo:.2f}-{hi:.2f}, n={b.episodes}) "
+                    f"| {100 * r.success_delta:+.1f} pts | x{r.backbone_flops_ratio:.2f} "
+                    f"| x{r.total_flops_ratio:.2f} | x{r.latency_speedup:.2f} "
+                    f"| {b.executed_fraction:.2f} | {b.action_mse_norm:.4f} |")
     return "\n".join(rows)
 
 
-def checks(report: dict[str, Any], students: list[str] | None = None) -> dict[str, dict[str, Any]]:
+def checks(report: EvaluationReport, students: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """The issue's targets; a student target is met only if every replicate meets it. `value` is the
     worst replicate's figure, `values` all of them in the order of `students`."""
-    teacher, students = report["policies"]["teacher"], students or ["student"]
+    teacher, students = report.policies["teacher"], students or ["student"]
     targets = {  # name -> (ratio key, the worst of several values, passes)
         "student success >= teacher - 3 pts": ("success_delta", min, lambda v: v >= -SUCCESS_DROP - 1e-9),
         "student backbone FLOPs <= 50% of teacher": ("backbone_flops_ratio", max, lambda v: v <= FLOPS_MAX),
         "student batch-1 latency >= 1.6x lower": ("latency_speedup", min, lambda v: v >= SPEEDUP_MIN),
     }
-    out = {"teacher success >= 0.60": {"value": teacher["success"], "values": [teacher["success"]],
-                                       "ok": teacher["success"] >= TEACHER_MIN}}
+    out = {"teacher success >= 0.60": {"value": teacher.success, "values": [teacher.success],
+                                       "ok": teacher.success >= TEACHER_MIN}}
+    ratios = report.ratios or {}
     for name, (key, worst, passes) in targets.items():
-        values = [report["ratios"][s][key] for s in students]
+        values = [getattr(ratios[s], key) for s in students]
         out[name] = {"value": worst(values), "values": values, "ok": all(passes(v) for v in values)}
     return out
 
@@ -217,8 +216,8 @@ def main() -> int:
     seconds = out["seconds"]
     total = sum(seconds.values())
     pipeline_s = sum(seconds[s] for s in ("collect", "train-teacher", "probe-teacher", "distill", "evaluate"))
-    lines = [f"# Headline result: `{cfg.run.name}` ({len(report['tasks'])} tasks x "
-             f"{len(report['seeds'])} episodes, seeds {report['seeds'][0]}-{report['seeds'][-1]})", "",
+    lines = [f"# Headline result: `{cfg.run.name}` ({len(report.tasks)} tasks x "
+             f"{len(report.seeds)} episodes, seeds {report.seeds[0]}-{report.seeds[-1]})", "",
              table(report, cfg.run.seed), "",
              f"| target | worst of {len(out['students'])} student(s) | every student | met |", "|---|---|---|---|",
              *[f"| {k} | {v['value']:.3f} | {', '.join(f'{x:.3f}' for x in v['values'])} "
@@ -237,7 +236,7 @@ def main() -> int:
                                                     "checks": verdict, "students": out["students"],
                                                     "seconds": seconds, "reused": out["reused"],
                                                     "ablations": out["ablations"], "machine": machine(),
-                                                    "report": report}, indent=2))
+                                                    "report": report.model_dump(mode="json")}, indent=2))
     print(f"wrote {args.out}.md and {args.out}.json")
     return 0 if all(v["ok"] for v in verdict.values()) else 1
 

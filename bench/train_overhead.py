@@ -37,12 +37,12 @@ from pipeline.data.batches import Normalizer, to_model_batch  # noqa: E402
 from pipeline.data.labelled import open_labelled  # noqa: E402
 from pipeline.data.manifest import read_manifest  # noqa: E402
 from pipeline.data.shards import split_episodes  # noqa: E402
-from pipeline.distill.engine import warmup_cosine  # noqa: E402
-from pipeline.distill.fit_student import loss_weights  # noqa: E402
-from pipeline.distill.loop import StudentJob, StudentObjective, Tracking, teacher_targets  # noqa: E402
-from pipeline.models.checkpoint import load_policy, load_probes, save_policy  # noqa: E402
+from pipeline.distill.objective import StudentObjective, teacher_targets  # noqa: E402
+from pipeline.models.checkpoint import PolicyCard, load_policy, load_probes, save_policy  # noqa: E402
 from pipeline.models.student import DistillModule, derive_student  # noqa: E402
 from pipeline.models.vla import VLA, teacher_config  # noqa: E402
+from pipeline.stages import RunPaths  # noqa: E402
+from pipeline.train.engine import warmup_cosine  # noqa: E402
 
 SMOKE = REPO / "jobs" / "configs" / "smoke.yaml"
 RESULTS = REPO / "bench" / "results"
@@ -66,57 +66,44 @@ def prepare(cfg: PipelineConfig) -> None:
     manifest = collect_job.main(cfg)
     torch.manual_seed(0)
     teacher = VLA(teacher_config(cfg.model, manifest.image_shape, manifest.proprio_dim, manifest.action_dim))
-    save_policy(teacher, str(cfg.stage_dir("teacher")),
-                {"role": "teacher", "normalizer": Normalizer.from_manifest(manifest).to_dict(),
-                 "data_content_hash": manifest.content_hash, "instructions": manifest.instructions})
+    save_policy(teacher, str(RunPaths.of(cfg).teacher), PolicyCard.for_teacher(manifest, cfg.digest()))
     probe_job.main(cfg)
-
-
-def _student_job(cfg: PipelineConfig) -> StudentJob:
-    teacher_uri = str(cfg.stage_dir("teacher"))
-    _, meta = load_policy(teacher_uri)
-    manifest = read_manifest(cfg.shards_uri)
-    return StudentJob(teacher_uri=teacher_uri, teacher_hash=meta["weights_sha256_16"],
-                      probes_uri=str(cfg.stage_dir("probes")), router_hidden=cfg.router.hidden,
-                      threshold=cfg.router.threshold, gate=cfg.router.gate, anneal_to=cfg.router.anneal_to,
-                      weights=loss_weights(cfg), train=cfg.distill.train, image_shape=tuple(manifest.image_shape),
-                      meta={}, tracking=Tracking("", ""), seed=cfg.run.seed)
 
 
 def plain_throughput(cfg: PipelineConfig, warmup: int) -> dict[str, float]:
     """samples/s of the same step in one process, rows already in memory (the ideal the job is held to)."""
-    job = _student_job(cfg)
-    manifest = read_manifest(cfg.shards_uri)
+    paths, train = RunPaths.of(cfg), cfg.distill.train
+    manifest = read_manifest(paths.shards)
     train_ids, _ = split_episodes(manifest, cfg.data.val_fraction)
-    rows = open_labelled(cfg.labelled_uri, episodes=train_ids).random_shuffle(seed=cfg.run.seed)
-    batches = list(rows.iter_batches(batch_size=job.train.batch_size, batch_format="numpy", drop_last=True))
-    torch.manual_seed(job.seed)
-    teacher, meta = load_policy(job.teacher_uri)
-    probes, _ = load_probes(job.probes_uri)
-    student = derive_student(teacher, job.router_hidden)
-    objective = StudentObjective(DistillModule(student, probes), job).train()
-    normalizer = Normalizer.from_dict(meta["normalizer"])
+    rows = open_labelled(paths.labelled, episodes=train_ids).random_shuffle(seed=cfg.run.seed)
+    batches = list(rows.iter_batches(batch_size=train.batch_size, batch_format="numpy", drop_last=True))
+    torch.manual_seed(cfg.run.seed)
+    teacher, card = load_policy(str(paths.teacher))
+    probes, _ = load_probes(str(paths.probes))
+    student = derive_student(teacher, cfg.router.hidden)
+    objective = StudentObjective(DistillModule(student, probes), cfg.router, cfg.distill).train()
+    normalizer = Normalizer.from_dict(card.normalizer)
     params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=job.train.lr, weight_decay=job.train.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, job.train.warmup_steps, job.train.steps))
+        optimizer, lambda s: warmup_cosine(s, train.warmup_steps, train.steps))
     layers = student.cfg.num_layers
     started, timed_rows = 0.0, 0
-    for step in range(job.train.steps):
+    for step in range(train.steps):
         batch = batches[step % len(batches)]
         if step == warmup:
             started = time.perf_counter()
-        b = to_model_batch(batch, normalizer, job.image_shape)
-        targets = teacher_targets(batch, job, layers)
+        b = to_model_batch(batch, normalizer, tuple(manifest.image_shape))
+        targets = teacher_targets(batch, card.hash, layers)
         loss, _, _ = objective(b["images"], b["instructions"], b["proprio"], b["actions"], targets, 1.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, job.train.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
         optimizer.step()
         schedule.step()
         timed_rows += len(batch["step"]) if step >= warmup else 0
     seconds = time.perf_counter() - started
-    return {"samples_per_s": timed_rows / seconds, "timed_steps": job.train.steps - warmup}
+    return {"samples_per_s": timed_rows / seconds, "timed_steps": train.steps - warmup}
 
 
 def ray_throughput(cfg: PipelineConfig) -> dict[str, float]:

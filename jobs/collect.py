@@ -13,15 +13,17 @@ from pipeline.data.manifest import Manifest
 from pipeline.data.shards import write_shards
 from pipeline.ray_runtime import start_ray
 from pipeline.sim.collect import collect_episodes
+from pipeline.stages import RunPaths
 from pipeline.tracking.runs import stage_run
 
 
 def main(cfg: PipelineConfig) -> Manifest:
     start_ray(cfg)
+    shards = RunPaths.of(cfg).shards
     with stage_run(cfg, "collect"):
         started = time.perf_counter()
         episodes, dropped = collect_episodes(cfg.collect)
-        manifest = write_shards(episodes, cfg.shards_uri, cfg.collect.rows_per_shard, dropped)
+        manifest = write_shards(episodes, shards, cfg.collect.rows_per_shard, dropped)
         attempted = manifest.num_episodes + dropped
         succeeded = sum(e.success for e in manifest.episodes)
         mlflow.log_metrics({
@@ -32,7 +34,7 @@ def main(cfg: PipelineConfig) -> Manifest:
             "seconds": time.perf_counter() - started,
         })
         # The hash names the exact data every later stage trains on.
-        mlflow.set_tags({"shards_uri": cfg.shards_uri, "content_hash": manifest.content_hash})
+        mlflow.set_tags({"shards_uri": shards, "content_hash": manifest.content_hash})
     return manifest
 
 

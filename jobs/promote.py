@@ -5,34 +5,38 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import Any
+from pathlib import Path
 
 import mlflow
 
 from pipeline.cli import run_cli
 from pipeline.config import ConfigError, PipelineConfig
+from pipeline.evaluate.report import EvaluationReport
 from pipeline.models.checkpoint import read_policy_config
-from pipeline.tracking.registry import Gate, best_passing, find_version, register_student, set_aliases
+from pipeline.stages import RunPaths
+from pipeline.tracking.registry import Gate, Registration, best_passing, find_version, register_student, set_aliases
 from pipeline.tracking.runs import stage_run
+from pipeline.tune.trials import SweepSummary, TrialResult
 
 log = logging.getLogger(__name__)
 
 
-def _read_json(path: Any, producer: str) -> dict[str, Any]:
+def _needs(path: Path, producer: str) -> Path:
     if not path.is_file():
         raise ConfigError(f"{path} not found; run `actdistill {producer}` with this config first")
-    return json.loads(path.read_text())
+    return path
 
 
-def candidates(cfg: PipelineConfig) -> tuple[list[dict[str, Any]], float]:
+def candidates(cfg: PipelineConfig) -> tuple[list[TrialResult], float]:
     """Sweep trials plus the pipeline's own student, each with success, compute and action error."""
-    report = _read_json(cfg.stage_dir("evaluate") / "report.json", "evaluate")
-    sweep = _read_json(cfg.stage_dir("sweep") / "trials.json", "sweep")
-    student = report["policies"]["student"]
-    own = {"trial": "distill", "params": {"router.budget": cfg.router.budget},
-           "student_uri": str(cfg.stage_dir("student")), "success": student["success"],
-           "compute_ratio": student["executed_fraction"], "action_mse_norm": student["action_mse_norm"]}
-    return [own, *sweep["trials"]], float(report["policies"]["teacher"]["success"])
+    paths = RunPaths.of(cfg)
+    report = EvaluationReport.read(_needs(paths.evaluate / "report.json", "evaluate"))
+    sweep = SweepSummary.read(_needs(paths.sweep / "trials.json", "sweep"))
+    student = report.policies["student"]
+    own = TrialResult(trial="distill", params={"router.budget": cfg.router.budget}, student_uri=str(paths.student),
+                      success=student.success, compute_ratio=student.executed_fraction,
+                      action_mse_norm=student.action_mse_norm)
+    return [own, *sweep.trials], report.policies["teacher"].success
 
 
 def _teacher_run_id(teacher_hash: str) -> str:
@@ -41,17 +45,17 @@ def _teacher_run_id(teacher_hash: str) -> str:
     return runs[0].info.run_id if runs else ""
 
 
-def evidence(cfg: PipelineConfig, best: dict[str, Any], teacher_success: float) -> dict[str, str]:
-    meta = read_policy_config(best["student_uri"])
-    return {"success": best["success"], "compute_ratio": best["compute_ratio"],
-            "action_mse_norm": best["action_mse_norm"], "teacher_success": teacher_success,
-            "student_hash": meta["weights_sha256_16"], "teacher_hash": meta["teacher_hash"],
-            "teacher_run_id": _teacher_run_id(meta["teacher_hash"]), "data_content_hash": meta["data_content_hash"],
-            "config_digest": meta["config_digest"], "source": best["trial"],
-            "params": json.dumps(best["params"], sort_keys=True)}
+def evidence(best: TrialResult, teacher_success: float) -> dict[str, str]:
+    card = read_policy_config(best.student_uri)
+    return {"success": best.success, "compute_ratio": best.compute_ratio,
+            "action_mse_norm": best.action_mse_norm, "teacher_success": teacher_success,
+            "student_hash": card.hash, "teacher_hash": card.teacher_hash,
+            "teacher_run_id": _teacher_run_id(card.teacher_hash), "data_content_hash": card.data_content_hash,
+            "config_digest": card.config_digest, "source": best.trial,
+            "params": json.dumps(best.params, sort_keys=True)}
 
 
-def main(cfg: PipelineConfig) -> dict[str, str] | None:
+def main(cfg: PipelineConfig) -> Registration | None:
     pool, teacher_success = candidates(cfg)
     gate = Gate(teacher_success, cfg.promote.success_delta, cfg.promote.compute_budget)
     with stage_run(cfg, "promote"):
@@ -61,17 +65,18 @@ def main(cfg: PipelineConfig) -> dict[str, str] | None:
             log.warning("no student passes the gate (success >= %.2f - %.2f and compute <= %.2f); "
                         "nothing registered", teacher_success, gate.success_delta, gate.compute_budget)
             return None
-        tags = evidence(cfg, best, teacher_success)
+        tags = evidence(best, teacher_success)
         version = find_version(mlflow.MlflowClient(), cfg.promote.model_name, tags["student_hash"])
         if version is None:
             version = register_student(cfg.promote.model_name, best, tags)
         else:
             log.info("these weights are already version %s; not registering again", version.version)
-        aliases = set_aliases(cfg.promote.model_name, version)
-        mlflow.set_tags({"model_name": cfg.promote.model_name, "model_version": version.version, **aliases})
-    print(f"registered model {cfg.promote.model_name}: version {version.version} "
-          f"(challenger={aliases['challenger']}, champion={aliases['champion']}) from {best['trial']}")
-    return {"name": cfg.promote.model_name, "version": str(version.version), **aliases}
+        registered = set_aliases(cfg.promote.model_name, version)
+        mlflow.set_tags({"model_name": registered.name, "model_version": registered.version,
+                         "challenger": registered.challenger, "champion": registered.champion})
+    print(f"registered model {registered.name}: version {registered.version} "
+          f"(challenger={registered.challenger}, champion={registered.champion}) from {best.trial}")
+    return registered
 
 
 if __name__ == "__main__":

@@ -2,35 +2,35 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
-from typing import Any
 
 import mlflow
 
 from pipeline.cli import run_cli
 from pipeline.config import PipelineConfig
+from pipeline.evaluate.report import EvaluationReport
 from pipeline.ray_runtime import start_ray
+from pipeline.stages import RunPaths
 from pipeline.tracking.runs import stage_run
 from pipeline.tune.driver import run_trials
 from pipeline.tune.frontier import frontier_plot, frontier_table, pareto
 from pipeline.tune.space import load_space
+from pipeline.tune.trials import SweepSummary, TeacherPoint
 
 
-def teacher_reference(cfg: PipelineConfig) -> dict[str, float] | None:
+def teacher_reference(paths: RunPaths) -> TeacherPoint | None:
     """The teacher's point on the frontier plot, from the evaluate job's report when there is one."""
-    path = cfg.stage_dir("evaluate") / "report.json"
+    path = paths.evaluate / "report.json"
     if not path.is_file():
         return None
-    teacher = json.loads(path.read_text())["policies"]["teacher"]
-    return {"success": teacher["success"], "compute_ratio": 1.0}
+    return TeacherPoint(success=EvaluationReport.read(path).policies["teacher"].success)
 
 
-def main(cfg: PipelineConfig) -> dict[str, Any]:
+def main(cfg: PipelineConfig) -> SweepSummary:
     space = load_space(cfg.sweep.space, cfg)   # a bad space fails before any Ray work
     start_ray(cfg)
-    folder = cfg.stage_dir("sweep")
+    paths = RunPaths.of(cfg)
+    folder = paths.sweep
     folder.mkdir(parents=True, exist_ok=True)
     with stage_run(cfg, "sweep") as run:
         mlflow.log_artifact(cfg.sweep.space)
@@ -39,13 +39,13 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
             raise RuntimeError(f"all {stopped} trials were stopped early; lower sweep.reduction_factor or use "
                                f"sweep.scheduler=fifo")
         front = pareto(trials)
-        summary = {"space": cfg.sweep.space, "trials": trials, "stopped_early": stopped, "frontier": [t["trial"] for t in front],
-                   "teacher": teacher_reference(cfg)}
-        (folder / "trials.json").write_text(json.dumps(summary, indent=2))
+        summary = SweepSummary(space=cfg.sweep.space, trials=trials, stopped_early=stopped,
+                               frontier=[t.trial for t in front], teacher=teacher_reference(paths))
+        (folder / "trials.json").write_text(summary.to_json())
         (folder / "frontier.md").write_text(frontier_table(trials, front) + "\n")
-        frontier_plot(trials, front, summary["teacher"], folder / "frontier.png")
+        frontier_plot(trials, front, summary.teacher, folder / "frontier.png")
         for name in ("trials.json", "frontier.md", "frontier.png"):
-            mlflow.log_artifact(str(Path(folder, name)))
+            mlflow.log_artifact(str(folder / name))
         mlflow.log_metrics({"trials": len(trials), "stopped_early": stopped, "frontier_size": len(front)})
     print(frontier_table(trials, front))
     return summary

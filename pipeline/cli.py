@@ -10,18 +10,10 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.config import ConfigError, PipelineConfig, load_config
+from pipeline.stages import STAGES
 
-# verb -> module under jobs/ (each has `main(cfg: PipelineConfig)`)
-VERBS: dict[str, str] = {
-    "collect": "collect",
-    "train-teacher": "train_teacher",
-    "probe-teacher": "probe_teacher",
-    "distill": "distill",
-    "evaluate": "evaluate",
-    "sweep": "sweep",
-    "promote": "promote",
-    "run": "run",
-}
+# verb -> module under jobs/ (each has `main(cfg: PipelineConfig)`): every stage, and `run` for all of them
+VERBS: dict[str, str] = {**{stage.name: stage.job for stage in STAGES}, "run": "run"}
 
 # Commands that are not Ray jobs: name -> module with `main(argv: list[str]) -> int`.
 TOOLS: dict[str, str] = {
@@ -44,7 +36,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 
 # Only these jobs are one Ray Train run that a checkpoint can continue.
-RESUMABLE = ("train-teacher", "distill")
+RESUMABLE = tuple(stage.name for stage in STAGES if stage.resumable)
 
 
 def _resolve(args: argparse.Namespace, verb: str) -> PipelineConfig:

@@ -220,18 +220,7 @@ class PipelineConfig(_Section):
     promote: PromoteSection = PromoteSection()
     tracking: TrackingSection = TrackingSection()
 
-    # Derived locations: one place decides where each stage writes.
-    @property
-    def shards_uri(self) -> str:
-        return self.data.shards_uri or str(Path(self.run.run_dir) / "shards")
-
-    @property
-    def labelled_uri(self) -> str:
-        return self.data.labelled_uri or str(Path(self.run.run_dir) / "labelled")
-
-    def stage_dir(self, stage: str) -> Path:
-        return Path(self.run.run_dir).resolve() / stage
-
+    # Where each stage writes is pipeline/stages.py's RunPaths; the tracking store belongs to this section.
     @property
     def tracking_uri(self) -> str:
         if self.tracking.tracking_uri:

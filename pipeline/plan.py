@@ -93,7 +93,7 @@ def _count(module: nn.Module) -> float:
 
 
 def _probes(vla: VLAConfig, model: ModelSection) -> ProbeSet:
-    # The same widths as pipeline.distill.probing.new_probes (which imports Ray).
+    # The same widths as pipeline.teacher.probing.new_probes (which imports Ray).
     return ProbeSet(vla.num_layers, vla.hidden_size, model.graph_width, model.semantic_dim, model.top_k,
                     model.graph_heads, vla.action_dim)
 
@@ -364,7 +364,7 @@ def min_gpus_zero3(params: Params, cluster: Cluster, ds_config: dict[str, Any], 
 
 def planned_deepspeed_config(train: TrainSection, option: Option, micro_batch: int) -> dict[str, Any]:
     """`deepspeed_config` of the job's train section with the chosen stage, bf16 and offload."""
-    from pipeline.distill.engine import deepspeed_config
+    from pipeline.train.engine import deepspeed_config
 
     samples = train.batch_size * train.grad_accum
     planned = train.model_copy(update={"zero_stage": option.stage, "precision": "bf16", "batch_size": micro_batch,

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.data import storage
 from pipeline.evaluate.flops import decoder_layer_flops
-from pipeline.models.checkpoint import load_policy, save_policy
+from pipeline.models.checkpoint import PolicyCard, load_policy, save_policy
 from pipeline.models.hf_import import backbone_dims, load_hf_backbone, read_hf_config
 from pipeline.models.student import derive_student
 from pipeline.models.variants import hf_checkpoint_params, size_on_meta, variant
@@ -64,11 +64,11 @@ def test_hf_decoder_and_our_checkpoints_load_from_s3(hf_folder, s3_server, tmp_p
     # A teacher and its routed student, written to and read back from s3://.
     student = derive_student(vla, router_hidden=8).eval()
     for name, policy in (("teacher", vla), ("student", student)):
-        save_policy(policy, f"{s3_server}/{name}", {"normalizer": NORMALIZER})
+        save_policy(policy, f"{s3_server}/{name}", PolicyCard(normalizer=NORMALIZER))
         reloaded, meta = load_policy(f"{s3_server}/{name}")
         x = (torch.rand(2, 3, 32, 32), ["push the puck", "reach"], torch.randn(2, 4))
         torch.testing.assert_close(reloaded(*x, mode="hard").actions, policy(*x, mode="hard").actions)
-        assert meta["normalizer"] == NORMALIZER
+        assert meta.normalizer == NORMALIZER
 
 
 def test_a_wrong_folder_names_what_is_missing(tmp_path):

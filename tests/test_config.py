@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, load_config, with_overrides
-from pipeline.distill.engine import deepspeed_config
+from pipeline.train.engine import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "jobs" / "configs" / "smoke.yaml"

@@ -10,6 +10,7 @@ from pipeline.data.manifest import read_manifest, verify_hash
 from pipeline.data.shards import open_shards, split_episodes, write_shards
 from pipeline.data.validate import validate_shards
 from pipeline.sim.collect import collect_episodes
+from pipeline.stages import RunPaths
 
 SIZE = 32
 
@@ -37,8 +38,8 @@ def collected(ray_s3, tmp_path_factory):
 
 def test_collect_job_writes_shards_and_manifest_to_s3(collected):
     cfg, written = collected
-    manifest = read_manifest(cfg.shards_uri)
-    assert manifest == written and cfg.shards_uri.startswith("s3://")
+    manifest = read_manifest(RunPaths.of(cfg).shards)
+    assert manifest == written and RunPaths.of(cfg).shards.startswith("s3://")
     assert manifest.num_episodes == 2 and all(e.success for e in manifest.episodes)
     assert manifest.num_steps == sum(e.num_steps for e in manifest.episodes)
     assert len(manifest.shards) == -(-manifest.num_steps // 30)  # rows per shard honoured
@@ -46,8 +47,8 @@ def test_collect_job_writes_shards_and_manifest_to_s3(collected):
     assert manifest.tasks == ["reach-v3"] and manifest.instructions == {"reach-v3": "reach to the goal position"}
     for stats in (manifest.action_stats, manifest.proprio_stats):
         assert len(stats.mean) == len(stats.std) == len(stats.q01) == len(stats.q99) == 4
-    verify_hash(cfg.shards_uri, manifest)
-    assert validate_shards(cfg.shards_uri, manifest).num_bad == 0
+    verify_hash(RunPaths.of(cfg).shards, manifest)
+    assert validate_shards(RunPaths.of(cfg).shards, manifest).num_bad == 0
 
 
 def test_collect_is_deterministic_across_runs_and_stores(collected, tmp_path):
@@ -67,12 +68,12 @@ def test_short_episodes_are_dropped_and_counted(ray_s3):
 def test_ray_data_streams_split_and_normalises_from_s3(collected):
     cfg, manifest = collected
     train, val = split_episodes(manifest, 0.5)
-    assert len(train) == len(val) == 1 and (train, val) == split_episodes(read_manifest(cfg.shards_uri), 0.5)
+    assert len(train) == len(val) == 1 and (train, val) == split_episodes(read_manifest(RunPaths.of(cfg).shards), 0.5)
     steps = {e.episode_id: e.num_steps for e in manifest.episodes}
     norm = Normalizer.from_manifest(manifest)
     mean, std = (np.asarray(v, np.float32) for v in (manifest.action_stats.mean, manifest.action_stats.std))
     rows = 0
-    for batch in open_shards(cfg.shards_uri, manifest, episodes=train).iter_batches(batch_size=16,
+    for batch in open_shards(RunPaths.of(cfg).shards, manifest, episodes=train).iter_batches(batch_size=16,
                                                                                   batch_format="numpy"):
         model = to_model_batch(batch, norm, tuple(manifest.image_shape))
         assert set(model["episode_id"]) == train

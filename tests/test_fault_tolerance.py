@@ -21,12 +21,13 @@ from jobs import train_teacher as teacher_job
 from pipeline.cli import run_cli
 from pipeline.config import load_config
 from pipeline.data.shards import write_shards
-from pipeline.distill.probing import new_probes
-from pipeline.distill.trainer import train_run
-from pipeline.models.checkpoint import save_policy, save_probes
+from pipeline.models.checkpoint import PolicyCard, save_policy, save_probes
 from pipeline.models.vla import VLA, teacher_config
 from pipeline.ray_runtime import start_ray
 from pipeline.sim.metaworld_env import run_expert_episode
+from pipeline.stages import RunPaths
+from pipeline.teacher.probing import new_probes
+from pipeline.train.driver import train_run
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "jobs" / "configs" / "smoke.yaml"
@@ -173,8 +174,8 @@ def _teacher_and_probes(cfg):
     teacher = VLA(teacher_config(cfg.model, [32, 32, 3], 4, 4))
     stats = {"action_mean": [0.0] * 4, "action_std": [1.0] * 4, "proprio_mean": [0.0] * 4,
              "proprio_std": [1.0] * 4}
-    digest = save_policy(teacher, str(cfg.stage_dir("teacher")), {"normalizer": stats})
-    save_probes(new_probes(teacher, cfg.model), str(cfg.stage_dir("probes")), {"teacher_hash": digest})
+    digest = save_policy(teacher, str(RunPaths.of(cfg).teacher), PolicyCard(normalizer=stats))
+    save_probes(new_probes(teacher, cfg.model), str(RunPaths.of(cfg).probes), {"teacher_hash": digest})
 
 
 def test_an_interrupted_zero3_online_distill_continues_with_resume(shards, tmp_path):
@@ -195,17 +196,19 @@ def test_an_interrupted_zero3_online_distill_continues_with_resume(shards, tmp_p
     assert "failed" in str(outcome.get("error")) and "--resume" in str(outcome.get("error"))
     name = _only_run(tmp_path / "run").name
 
-    # A different config may not continue the run; then the same config continues it.
-    with pytest.raises(ValueError, match="config digest"):
-        train_run(load_config(config, overrides + ["distill.alpha=0.3", f"run.resume={name}"]), "distill",
-                  cfg.stage_dir("ray"))
-    assert run_cli(distill_job.main, "distill", ["--config", str(config), "--resume", name, *overrides]) == 0
+    # A config whose distill inputs differ may not continue the run; one that differs only in what distill
+    # does not read (later stages' sections) continues it.
+    for changed in ("distill.alpha=0.3", "router.budget=0.3"):
+        with pytest.raises(ValueError, match="digest .* of the config sections distill depends on"):
+            train_run(load_config(config, overrides + [changed, f"run.resume={name}"]), "distill")
+    later = ["promote.model_name=another-name", "evaluate.episodes_per_task=7"]
+    assert run_cli(distill_job.main, "distill", ["--config", str(config), "--resume", name, *overrides, *later]) == 0
 
     for rank, entries in _ledger(_only_run(tmp_path / "run")).items():
         attempts, kept = _lineage(entries, steps)
         assert len(attempts) == 2 and attempts[1][0]["step"] - 1 >= every
         assert [e["step"] for e in kept] == list(range(1, steps + 1))
-    student = json.loads((cfg.stage_dir("student") / "config.json").read_text())
+    student = json.loads((RunPaths.of(cfg).student / "config.json").read_text())
     assert student["vla"]["router_hidden"] == cfg.router.hidden
     client = MlflowClient(cfg.tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
@@ -218,5 +221,5 @@ def test_resume_names_the_runs_it_could_continue(tmp_path):
     (tmp_path / "ray" / "smoke-distill-1").mkdir(parents=True)
     (tmp_path / "ray" / "smoke-distill-1" / "actdistill_run.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="no-such-run.*runs there: smoke-distill-1"):
-        train_run(cfg, "distill", cfg.stage_dir("ray"))
+        train_run(cfg, "distill")
     assert run_cli(teacher_job.main, "collect", ["--config", str(SMOKE), "--resume", "x"]) == 2

@@ -6,6 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.headline import ablations, checks, replicate_seeds, static_layers, table  # noqa: E402
+from pipeline.evaluate.report import EvaluationReport  # noqa: E402
 
 
 def test_static_ablation_runs_the_students_share_of_layers_evenly_spaced_ending_at_the_last():
@@ -17,15 +18,23 @@ def test_static_ablation_runs_the_students_share_of_layers_evenly_spaced_ending_
 
 def _block(success, executed, backbone):
     return {"success": success, "ci95": [0.0, 1.0], "episodes": 120, "executed_fraction": executed,
-            "action_mse_norm": 0.05, "flops": {"backbone": backbone, "total": backbone + 5.0}}
+            "action_mse_norm": 0.05, "flops": {"backbone": backbone, "total": backbone + 5.0}, "per_task": {},
+            "layer_frequency": [executed] * 8, "action_mse_raw": 0.01, "heldout_rows": 100.0,
+            "latency_ms_median": 3.0 * executed, "latency_ms_p90": 4.0 * executed}
+
+
+def _report(policies, ratios):
+    return EvaluationReport.model_validate({"tasks": ["reach-v3"], "seeds": list(range(120)), "max_steps": 150,
+                                            "policies": policies, "ratios": ratios})
 
 
 def test_verdict_and_table_follow_the_issue_targets():
-    report = {"policies": {"teacher": _block(0.70, 1.0, 80.0), "student": _block(0.675, 0.48, 38.4)},
-              "ratios": {"student": {"success_delta": -0.025, "backbone_flops_ratio": 0.48, "total_flops_ratio": 0.51,
-                                     "latency_speedup": 1.7}}}
-    assert all(v["ok"] for v in checks(report).values())
-    report["ratios"]["student"].update(success_delta=-0.04, latency_speedup=1.5)
+    policies = {"teacher": _block(0.70, 1.0, 80.0), "student": _block(0.675, 0.48, 38.4)}
+    ratios = {"student": {"success_delta": -0.025, "backbone_flops_ratio": 0.48, "total_flops_ratio": 0.51,
+                          "latency_speedup": 1.7}}
+    assert all(v["ok"] for v in checks(_report(policies, ratios)).values())
+    ratios["student"].update(success_delta=-0.04, latency_speedup=1.5)
+    report = _report(policies, ratios)
     failed = [k for k, v in checks(report).items() if not v["ok"]]
     assert failed == ["student success >= teacher - 3 pts", "student batch-1 latency >= 1.6x lower"]
     text = table(report)
@@ -37,9 +46,8 @@ def test_a_target_is_met_only_if_every_replicate_student_meets_it():
     assert replicate_seeds(5, 3) == [6, 7] and replicate_seeds(0, 1) == []
     good = {"success_delta": -0.01, "backbone_flops_ratio": 0.42, "total_flops_ratio": 0.45, "latency_speedup": 1.7}
     bad = {**good, "backbone_flops_ratio": 0.63, "latency_speedup": 1.46}     # a replicate that kept more layers
-    report = {"policies": {"teacher": _block(0.70, 1.0, 80.0), "student": _block(0.69, 0.42, 33.6),
-                           "student-seed1": _block(0.71, 0.63, 50.4)},
-              "ratios": {"student": good, "student-seed1": bad}}
+    report = _report({"teacher": _block(0.70, 1.0, 80.0), "student": _block(0.69, 0.42, 33.6),
+                      "student-seed1": _block(0.71, 0.63, 50.4)}, {"student": good, "student-seed1": bad})
     assert all(v["ok"] for v in checks(report).values())          # the first student alone passes
     verdict = checks(report, ["student", "student-seed1"])
     flops = verdict["student backbone FLOPs <= 50% of teacher"]
@@ -50,8 +58,9 @@ def test_a_target_is_met_only_if_every_replicate_student_meets_it():
 
 
 def test_reuse_keeps_a_stage_only_if_its_config_inputs_are_unchanged(tmp_path):
-    from bench.headline import STUDENT_INPUTS, Stages
+    from bench.headline import Stages
     from pipeline.config import PipelineConfig, with_overrides
+    from pipeline.stages import inputs_digest
 
     cfg = with_overrides(PipelineConfig(), {"run.run_dir": str(tmp_path)})
     ran: list[str] = []
@@ -68,13 +77,13 @@ def test_reuse_keeps_a_stage_only_if_its_config_inputs_are_unchanged(tmp_path):
                 ran.append(f"{name} ({tag})")
             stages.run(name, output, fn, digest)
 
-    digest = cfg.digest(STUDENT_INPUTS)
+    digest = inputs_digest(cfg, "distill")
     bench(digest, "first")
     bench(digest, "same config")
     assert ran == ["distill (first)", "replicate seed 1 (first)"]          # same inputs: both reused
     # Evaluation settings are not an input of a student; its router config is.
-    assert with_overrides(cfg, {"evaluate.episodes_per_task": 9}).digest(STUDENT_INPUTS) == digest
-    changed = with_overrides(cfg, {"router.budget": 0.3}).digest(STUDENT_INPUTS)
+    assert inputs_digest(with_overrides(cfg, {"evaluate.episodes_per_task": 9}), "distill") == digest
+    changed = inputs_digest(with_overrides(cfg, {"router.budget": 0.3}), "distill")
     assert changed != digest
     bench(changed, "new router")
     assert ran[2:] == ["distill (new router)", "replicate seed 1 (new router)"]

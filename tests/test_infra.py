@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
+from pipeline.stages import RunPaths
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -111,7 +112,7 @@ def test_rayjob_entrypoint_runs_a_job_module_with_a_valid_config(path):
 def test_cluster_config_is_a_cluster_setting():
     cfg = load_config(str(INFRA / "configs" / "cluster.yaml"), [])
     assert Path(cfg.run.run_dir).is_absolute()  # a job's working directory is a throw-away copy
-    assert cfg.shards_uri.startswith("s3://") and cfg.tracking_uri.startswith("http")
+    assert RunPaths.of(cfg).shards.startswith("s3://") and cfg.tracking_uri.startswith("http")
 
 
 def test_ray_up_config_has_gpu_workers_and_installs_the_project():

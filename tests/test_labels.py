@@ -7,9 +7,7 @@ import pytest
 import ray
 
 from pipeline.data.labelled import LABEL_COLUMNS, Labels, check_teacher, open_labelled, read_labels, write_labels
-from pipeline.distill.loop import StudentJob, Tracking, teacher_targets
-from pipeline.config import TrainSection
-from pipeline.distill.losses import LossWeights
+from pipeline.distill.objective import teacher_targets
 
 
 def test_labels_round_trip_and_a_stale_teacher_is_refused(tmp_path):
@@ -27,24 +25,18 @@ def test_missing_labels_name_the_file_and_the_fix(tmp_path):
         read_labels(str(tmp_path))
 
 
-def _job(teacher_hash):
-    return StudentJob(teacher_uri="t", teacher_hash=teacher_hash, probes_uri="p", router_hidden=8, threshold=0.5,
-                      gate="straight_through", anneal_to=0.05, weights=LossWeights(), train=TrainSection(), image_shape=(8, 8, 3),
-                      meta={}, tracking=Tracking("sqlite://", "r"), seed=0)
-
-
 def test_rows_are_matched_to_their_own_targets_and_foreign_rows_refused():
     batch = {"teacher_hash": np.array(["aaaa", "aaaa"]),
              "teacher_sem": np.arange(12, dtype=np.float32).reshape(2, 6),   # 2 layers x 3
              "teacher_act": np.arange(16, dtype=np.float32).reshape(2, 8),   # 2 layers x 4
              "teacher_action": np.arange(8, dtype=np.float32).reshape(2, 4)}
-    sem, act, action = teacher_targets(batch, _job("aaaa"), layers=2)
+    sem, act, action = teacher_targets(batch, "aaaa", layers=2)
     assert sem.shape == (2, 2, 3) and act.shape == (2, 2, 4) and action.shape == (2, 4)
     assert sem[1, 0].tolist() == [3.0, 4.0, 5.0]        # layer 1 of row 0
     assert action[1].tolist() == [4.0, 5.0, 6.0, 7.0]   # row 1's own teacher action
     batch["teacher_hash"] = np.array(["aaaa", "zzzz"])
     with pytest.raises(ValueError, match="zzzz"):
-        teacher_targets(batch, _job("aaaa"), layers=2)
+        teacher_targets(batch, "aaaa", layers=2)
 
 
 @pytest.fixture(scope="module")

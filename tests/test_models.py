@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.evaluate.flops import decoder_layer_flops, policy_flops
-from pipeline.models.checkpoint import load_policy, save_policy
+from pipeline.models.checkpoint import PolicyCard, load_policy, save_policy
 from pipeline.models.graph import LayerProbe, ProbeSet
 from pipeline.models.student import DistillModule, derive_student
 from pipeline.models.vla import VLA, VLAConfig
@@ -112,7 +112,7 @@ def test_export_holds_no_probe_weights_and_reloads_to_the_same_actions(tmp_path)
     probes = ProbeSet(3, 32, 16, 8, 4, 4, 4)
     module = DistillModule(student, probes)
     assert any(k.startswith("probes.") for k in module.state_dict())
-    save_policy(module.student, str(tmp_path), {"normalizer": NORMALIZER})
+    save_policy(module.student, str(tmp_path), PolicyCard(normalizer=NORMALIZER))
     from safetensors import safe_open
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         keys = list(f.keys())

@@ -1,6 +1,5 @@
 """Promotion against a real `mlflow server` on 127.0.0.1: the gate, aliases, idempotency, serving."""
 
-import json
 import os
 import signal
 import socket
@@ -19,9 +18,12 @@ from mlflow.tracking import MlflowClient
 
 from jobs import promote
 from pipeline.config import load_config
-from pipeline.models.checkpoint import save_policy
+from pipeline.evaluate.report import EvaluationReport, PolicyReport
+from pipeline.models.checkpoint import PolicyCard, save_policy
 from pipeline.models.student import derive_student
 from pipeline.models.vla import VLA, VLAConfig
+from pipeline.stages import RunPaths
+from pipeline.tune.trials import SweepSummary, TrialResult
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -87,33 +89,42 @@ def run(tmp_path_factory, mlflow_server):
     teacher = VLA(VLAConfig(backbone="llama", hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
                             intermediate_size=64, vocab_size=64, max_instruction_tokens=6, image_size=32,
                             patch_size=8, proprio_dim=4, action_dim=4))
-    teacher_hash = save_policy(teacher, str(cfg.stage_dir("teacher")),
-                               {"normalizer": NORMALIZER, "data_content_hash": "data123"})
+    teacher_hash = save_policy(teacher, str(RunPaths.of(cfg).teacher),
+                               PolicyCard(normalizer=NORMALIZER, data_content_hash="data123"))
     return cfg, teacher, teacher_hash
+
+
+def _evaluated(success, executed, action_mse):
+    """A policy's evaluation block: the figures promote reads, the rest filled in plausibly."""
+    return PolicyReport(success=success, episodes=20, ci95=(0.0, 1.0), per_task={}, executed_fraction=executed,
+                        layer_frequency=[executed] * 4, flops={"backbone": executed, "total": 1.0},
+                        action_mse_norm=action_mse, action_mse_raw=action_mse, heldout_rows=10.0,
+                        latency_ms_median=1.0, latency_ms_p90=1.0)
 
 
 def _round(cfg, teacher, teacher_hash, results: dict[str, tuple[float, float]]) -> None:
     """Write students (distinct real weights) and the evaluate/sweep results promote reads."""
-    trials = []
+    paths, trials = RunPaths.of(cfg), []
     for i, (name, (success, compute)) in enumerate(results.items()):
         torch.manual_seed(zlib.crc32(name.encode()))
-        uri = str(cfg.stage_dir("sweep") / name / "student")
-        save_policy(derive_student(teacher, 8), uri, {"normalizer": NORMALIZER, "teacher_hash": teacher_hash,
-                                                      "data_content_hash": "data123", "config_digest": "cfg1"})
-        trials.append({"trial": name, "params": {"router.budget": compute}, "student_uri": uri, "success": success,
-                       "compute_ratio": compute, "action_mse_norm": 0.1 + i / 100, "latency_ms_median": 1.0})
+        uri = str(paths.sweep / name / "student")
+        save_policy(derive_student(teacher, 8), uri, PolicyCard(normalizer=NORMALIZER, teacher_hash=teacher_hash,
+                                                                data_content_hash="data123", config_digest="cfg1"))
+        trials.append(TrialResult(trial=name, params={"router.budget": compute}, student_uri=uri, success=success,
+                                  compute_ratio=compute, action_mse_norm=0.1 + i / 100, latency_ms_median=1.0))
     own = trials.pop(0)
-    (cfg.stage_dir("evaluate")).mkdir(parents=True, exist_ok=True)
-    report = {"policies": {"teacher": {"success": 0.8},
-                           "student": {"success": own["success"], "executed_fraction": own["compute_ratio"],
-                                       "action_mse_norm": own["action_mse_norm"]}}}
-    (cfg.stage_dir("evaluate") / "report.json").write_text(json.dumps(report))
-    # The pipeline's own student sits at stage_dir("student"): copy the first one there.
-    own_dir = cfg.stage_dir("student")
-    own_dir.mkdir(parents=True, exist_ok=True)
-    for f in Path(own["student_uri"]).iterdir():
-        (own_dir / f.name).write_bytes(f.read_bytes())
-    (cfg.stage_dir("sweep") / "trials.json").write_text(json.dumps({"trials": trials}))
+    paths.evaluate.mkdir(parents=True, exist_ok=True)
+    report = EvaluationReport(tasks=["reach-v3"], seeds=[0], max_steps=10,
+                              policies={"teacher": _evaluated(0.8, 1.0, 0.05),
+                                        "student": _evaluated(own.success, own.compute_ratio, own.action_mse_norm)})
+    (paths.evaluate / "report.json").write_text(report.to_json())
+    # The pipeline's own student sits in the run's student folder: copy the first one there.
+    paths.student.mkdir(parents=True, exist_ok=True)
+    for f in Path(own.student_uri).iterdir():
+        (paths.student / f.name).write_bytes(f.read_bytes())
+    summary = SweepSummary(space="tune_spaces/smoke.yaml", trials=trials, stopped_early=0,
+                           frontier=[t.trial for t in trials])
+    (paths.sweep / "trials.json").write_text(summary.to_json())
 
 
 def _aliases(client):
@@ -130,7 +141,7 @@ def test_gate_aliases_and_idempotency(run, mlflow_server):
     cfg, teacher, teacher_hash = run
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
     # A registry URI left over in this process (as after loading another model) must not divert promote.
-    mlflow.set_registry_uri(f"sqlite:///{cfg.stage_dir('stale-registry.db')}")
+    mlflow.set_registry_uri(f"sqlite:///{RunPaths.of(cfg).root / 'stale-registry.db'}")
     # Round 1: A passes; B is too expensive; C lost too much success. Only A may be registered.
     _round(cfg, teacher, teacher_hash, {"A": (0.78, 0.5), "B": (0.95, 0.8), "C": (0.5, 0.3)})
     first = promote.main(cfg)

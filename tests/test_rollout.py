@@ -6,7 +6,7 @@ import ray
 import torch
 
 from pipeline.evaluate.rollout import mean_layer_frequency, run_closed_loop
-from pipeline.models.checkpoint import save_policy
+from pipeline.models.checkpoint import PolicyCard, save_policy
 from pipeline.models.student import derive_student
 from pipeline.models.vla import VLA, VLAConfig
 
@@ -28,7 +28,7 @@ def policies(tmp_path_factory):
         routed.router.out.bias.zero_()
     uris = {"teacher": teacher, "routed": routed, "static": derive_student(teacher, 8, static_layers=(0, 2))}
     for name, model in uris.items():
-        save_policy(model, str(root / name), {"normalizer": NORMALIZER})
+        save_policy(model, str(root / name), PolicyCard(normalizer=NORMALIZER))
     return {name: str(root / name) for name in uris}
 
 

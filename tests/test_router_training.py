@@ -68,7 +68,7 @@ def test_topk_graph_keeps_the_k_largest_scaled_logits_and_never_links_to_padding
 
 
 def test_router_parameters_get_their_own_learning_rate_and_no_parameter_is_lost():
-    from pipeline.distill.engine import param_groups
+    from pipeline.train.engine import param_groups
 
     cfg = VLAConfig(backbone="llama", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=64, vocab_size=64, max_instruction_tokens=6, image_size=32, patch_size=8,

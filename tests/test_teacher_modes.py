@@ -6,12 +6,13 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.data.batches import Normalizer, to_model_batch
-from pipeline.distill.fit_student import check_probes, loss_weights
-from pipeline.distill.loop import StudentJob, StudentObjective, Tracking
-from pipeline.distill.probing import TeacherLabeler, new_probes
-from pipeline.models.checkpoint import load_policy, load_probes, save_policy, save_probes
+from pipeline.distill.fit import check_probes
+from pipeline.distill.objective import StudentObjective
+from pipeline.models.checkpoint import PolicyCard, load_policy, load_probes, save_policy, save_probes
 from pipeline.models.student import DistillModule, derive_student
 from pipeline.models.vla import VLA, teacher_config
+from pipeline.stages import RunPaths
+from pipeline.teacher.probing import TeacherLabeler, new_probes
 
 STATS = {"action_mean": [0.1] * 4, "action_std": [2.0] * 4, "proprio_mean": [0.0] * 4, "proprio_std": [1.0] * 4}
 
@@ -22,8 +23,8 @@ def stages(tmp_path):
                              "model.hidden_size=32", "model.num_layers=3"])
     torch.manual_seed(0)
     teacher = VLA(teacher_config(cfg.model, [32, 32, 3], 4, 4))
-    digest = save_policy(teacher, str(cfg.stage_dir("teacher")), {"normalizer": STATS})
-    save_probes(new_probes(teacher, cfg.model), str(cfg.stage_dir("probes")), {"teacher_hash": digest})
+    digest = save_policy(teacher, str(RunPaths.of(cfg).teacher), PolicyCard(normalizer=STATS))
+    save_probes(new_probes(teacher, cfg.model), str(RunPaths.of(cfg).probes), {"teacher_hash": digest})
     return cfg, digest
 
 
@@ -37,18 +38,15 @@ def _rows(n, rng):
 
 def test_online_targets_are_the_cached_labels(stages):
     cfg, digest = stages
-    teacher_uri, probes_uri = str(cfg.stage_dir("teacher")), str(cfg.stage_dir("probes"))
+    teacher_uri, probes_uri = str(RunPaths.of(cfg).teacher), str(RunPaths.of(cfg).probes)
     rows = _rows(6, np.random.default_rng(0))
     labelled = TeacherLabeler(teacher_uri, probes_uri, digest, (32, 32, 3))(rows)
 
     teacher, _ = load_policy(teacher_uri)
     probes, _ = load_probes(probes_uri)
     frozen, _ = load_probes(probes_uri)
-    job = StudentJob(teacher_uri=teacher_uri, teacher_hash=digest, probes_uri=probes_uri, router_hidden=8,
-                     threshold=0.5, gate="straight_through", anneal_to=0.05, weights=loss_weights(cfg),
-                     train=cfg.distill.train, image_shape=(32, 32, 3), meta={}, tracking=Tracking("", ""), seed=0,
-                     teacher_mode="online")
-    objective = StudentObjective(DistillModule(derive_student(teacher, 8), probes), job, teacher, frozen)
+    objective = StudentObjective(DistillModule(derive_student(teacher, 8), probes), cfg.router, cfg.distill,
+                                 teacher, frozen)
     objective.train()                               # training mode must not reach the frozen teacher
     assert not objective.teacher.training and objective.distill.training
 
@@ -65,8 +63,8 @@ def test_online_targets_are_the_cached_labels(stages):
 
 def test_probes_of_another_teacher_are_refused(stages):
     cfg, digest = stages
-    check_probes(str(cfg.stage_dir("probes")), digest)
+    check_probes(str(RunPaths.of(cfg).probes), digest)
     with pytest.raises(ValueError, match=f"trained on teacher {digest}.*is ffff.*probe-teacher"):
-        check_probes(str(cfg.stage_dir("probes")), "ffff")
+        check_probes(str(RunPaths.of(cfg).probes), "ffff")
     with pytest.raises(FileNotFoundError, match="probes.json.*probe-teacher"):
-        check_probes(str(cfg.stage_dir("nothing")), digest)
+        check_probes(str(RunPaths.of(cfg).root / "nothing"), digest)

@@ -1,1 +1,1 @@
-"""Training plane: DeepSpeed engines on Ray Train workers, the ActDistill losses, stage-1 probing."""
+"""Stage 2: the routed student's objective, the ActDistill losses, and fitting a student."""

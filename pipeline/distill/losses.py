@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import DistillSection, RouterSection
+
 
 def layer_weights(num_layers: int, gamma: float) -> torch.Tensor:
     """w_l = (l / (L-1))^gamma, normalised to mean 1 (deeper layers weigh more)."""
@@ -65,6 +67,12 @@ class LossWeights:
     balance_weight: float = 0.0
     budget: float = 0.5
     budget_per_input: bool = False
+
+    @classmethod
+    def of(cls, router: RouterSection, distill: DistillSection) -> LossWeights:
+        return cls(alpha=distill.alpha, beta=distill.beta, eta=distill.eta, gamma=distill.gamma,
+                   budget_weight=distill.budget_weight, balance_weight=distill.balance_weight,
+                   budget=router.budget, budget_per_input=router.budget_scope == "input")
 
 
 def distill_loss(actions: torch.Tensor, a_gt: torch.Tensor, sem_s: torch.Tensor, act_s: torch.Tensor,

@@ -2,49 +2,117 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import matplotlib
+from pydantic import BaseModel, ConfigDict
 
 matplotlib.use("Agg")  # no display on workers or CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def summary_table(report: dict[str, Any]) -> str:
+class _Record(BaseModel):
+    # Keys a model does not name are kept (older or newer reports still read); nothing is changed in place.
+    # NaN stays NaN in the JSON, as json.dumps writes it (pydantic's default would write null).
+    model_config = ConfigDict(extra="allow", frozen=True, ser_json_inf_nan="constants")
+
+
+class TaskSuccess(_Record):
+    success: float
+    episodes: int
+    ci95: tuple[float, float]          # Wilson 95% interval
+
+
+class PolicyReport(_Record):
+    """One policy's figures in an evaluation: closed loop on the report's seeds, offline on held-out rows."""
+
+    success: float                     # closed-loop success over every task and seed
+    episodes: int
+    ci95: tuple[float, float]
+    per_task: dict[str, TaskSuccess]
+    executed_fraction: float           # decoder layers run per call, over the closed-loop calls
+    layer_frequency: list[float]       # per decoder layer, the fraction of closed-loop calls that ran it
+    flops: dict[str, float]            # per batch-1 call: vision, backbone, router, action_head, total
+    action_mse_norm: float             # held-out rows, normalised action units
+    action_mse_raw: float
+    heldout_rows: float                # the rows both action errors are measured on
+    latency_ms_median: float           # batch-1 calls
+    latency_ms_p90: float
+
+
+class Ratios(_Record):
+    """A policy against the teacher of the same evaluation."""
+
+    backbone_flops_ratio: float
+    total_flops_ratio: float
+    latency_speedup: float
+    success_delta: float
+
+
+class EvaluationReport(_Record):
+    """evaluate's report.json: every policy measured on the same tasks, seeds and held-out rows."""
+
+    tasks: list[str]
+    seeds: list[int]
+    max_steps: int
+    policies: dict[str, PolicyReport]
+    ratios: dict[str, Ratios] | None = None    # present when a teacher was evaluated
+
+    @classmethod
+    def read(cls, path: Path) -> EvaluationReport:
+        return cls.model_validate_json(path.read_text())
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2, exclude_none=True)
+
+    def flat_metrics(self) -> dict[str, float]:
+        """teacher/success, student/flops_backbone, student/backbone_flops_ratio, ... for MLflow."""
+        out: dict[str, float] = {}
+        for name, b in self.policies.items():
+            for key in ("success", "executed_fraction", "action_mse_norm", "action_mse_raw",
+                        "latency_ms_median", "latency_ms_p90"):
+                out[f"{name}/{key}"] = float(getattr(b, key))
+            for part, value in b.flops.items():
+                out[f"{name}/flops_{part}"] = value
+        for name, ratios in (self.ratios or {}).items():
+            out.update({f"{name}/{k}": v for k, v in ratios.model_dump().items()})
+        return out
+
+
+def summary_table(report: EvaluationReport) -> str:
     """Markdown table: success (95% CI), backbone/total FLOPs per call, latency, layers run."""
     lines = ["| policy | success (95% CI) | backbone MFLOPs/call | total MFLOPs/call | latency ms (median / p90) "
              "| layers run | held-out action MSE |",
              "|---|---|---|---|---|---|---|"]
-    for name, b in report["policies"].items():
-        lo, hi = b["ci95"]
-        lines.append(f"| {name} | {b['success']:.2f} ({lo:.2f}-{hi:.2f}, n={b['episodes']}) "
-                     f"| {b['flops']['backbone'] / 1e6:.2f} | {b['flops']['total'] / 1e6:.2f} "
-                     f"| {b['latency_ms_median']:.2f} / {b['latency_ms_p90']:.2f} "
-                     f"| {b['executed_fraction']:.2f} | {b['action_mse_norm']:.3f} |")
-    for name, r in report.get("ratios", {}).items():
+    for name, b in report.policies.items():
+        lo, hi = b.ci95
+        lines.append(f"| {name} | {b.success:.2f} ({lo:.2f}-{hi:.2f}, n={b.episodes}) "
+                     f"| {b.flops['backbone'] / 1e6:.2f} | {b.flops['total'] / 1e6:.2f} "
+                     f"| {b.latency_ms_median:.2f} / {b.latency_ms_p90:.2f} "
+                     f"| {b.executed_fraction:.2f} | {b.action_mse_norm:.3f} |")
+    for name, r in (report.ratios or {}).items():
         lines.append("")
-        lines.append(f"{name} vs teacher: backbone FLOPs x{r['backbone_flops_ratio']:.2f}, "
-                     f"latency speed-up x{r['latency_speedup']:.2f}, success {r['success_delta']:+.2f}")
+        lines.append(f"{name} vs teacher: backbone FLOPs x{r.backbone_flops_ratio:.2f}, "
+                     f"latency speed-up x{r.latency_speedup:.2f}, success {r.success_delta:+.2f}")
     return "\n".join(lines)
 
 
-def per_task_table(report: dict[str, Any]) -> str:
-    names = list(report["policies"])
+def per_task_table(report: EvaluationReport) -> str:
+    names = list(report.policies)
     lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for task in report["tasks"]:
+    missing = TaskSuccess(success=0.0, episodes=0, ci95=(0.0, 1.0))
+    for task in report.tasks:
         cells = []
         for name in names:
-            t = report["policies"][name]["per_task"].get(task, {"success": 0.0, "ci95": [0.0, 1.0]})
-            cells.append(f"{t['success']:.2f} ({t['ci95'][0]:.2f}-{t['ci95'][1]:.2f})")
+            t = report.policies[name].per_task.get(task, missing)
+            cells.append(f"{t.success:.2f} ({t.ci95[0]:.2f}-{t.ci95[1]:.2f})")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def heatmap(report: dict[str, Any], path: Path) -> None:
-    names = list(report["policies"])
-    freq = [report["policies"][n]["layer_frequency"] for n in names]
+def heatmap(report: EvaluationReport, path: Path) -> None:
+    names = list(report.policies)
+    freq = [report.policies[n].layer_frequency for n in names]
     fig, ax = plt.subplots(figsize=(1.0 + 0.5 * len(freq[0]), 0.6 + 0.5 * len(names)))
     im = ax.imshow(freq, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
     ax.set_yticks(range(len(names)), names)
@@ -57,10 +125,10 @@ def heatmap(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(report: dict[str, Any], folder: Path) -> dict[str, Path]:
+def write_report(report: EvaluationReport, folder: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"json": folder / "report.json", "markdown": folder / "report.md", "heatmap": folder / "layers.png"}
-    paths["json"].write_text(json.dumps(report, indent=2))
+    paths["json"].write_text(report.to_json())
     paths["markdown"].write_text("# Evaluation\n\n" + summary_table(report) + "\n\n## Per task\n\n"
                                  + per_task_table(report) + "\n")
     heatmap(report, paths["heatmap"])

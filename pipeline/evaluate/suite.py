@@ -17,7 +17,9 @@ from pipeline.data.validate import validate_shards
 from pipeline.evaluate.flops import policy_flops
 from pipeline.evaluate.metrics import action_error, wilson_interval
 from pipeline.evaluate.policy import Policy
+from pipeline.evaluate.report import EvaluationReport, PolicyReport, Ratios, TaskSuccess
 from pipeline.evaluate.rollout import mean_layer_frequency, run_closed_loop, success_table
+from pipeline.stages import RunPaths
 
 
 LATENCY_SAMPLES = 32   # distinct held-out observations the batch-1 latency calls cycle through
@@ -68,29 +70,30 @@ def _sample_rows(heldout: ray.data.Dataset, image_shape: tuple[int, int, int], p
 
 
 def _policy_block(name: str, policy: Policy, results: list, offline: dict[str, float],
-                  lat: dict[str, float]) -> dict[str, Any]:
+                  lat: dict[str, float]) -> PolicyReport:
     table = success_table(results, name)
     per_task = {}
     for task, outcomes in table.items():
-        lo, hi = wilson_interval(sum(outcomes), len(outcomes))
-        per_task[task] = {"success": float(np.mean(outcomes)), "episodes": len(outcomes), "ci95": [lo, hi]}
+        per_task[task] = TaskSuccess(success=float(np.mean(outcomes)), episodes=len(outcomes),
+                                     ci95=wilson_interval(sum(outcomes), len(outcomes)))
     outcomes = [s for v in table.values() for s in v]
     lo, hi = wilson_interval(sum(outcomes), len(outcomes))
     freq = mean_layer_frequency(results, name)
     executed = float(np.mean(freq)) if freq else 1.0
     flops = policy_flops(policy.model.cfg, executed * policy.num_layers,
                          policy.model.cfg.router_hidden)   # None for a teacher or static layers: no router FLOPs
-    return {"success": float(np.mean(outcomes)), "episodes": len(outcomes), "ci95": [lo, hi],
-            "per_task": per_task, "executed_fraction": executed, "layer_frequency": freq,
-            "flops": flops, **offline, **lat}
+    return PolicyReport(success=float(np.mean(outcomes)), episodes=len(outcomes), ci95=(lo, hi),
+                        per_task=per_task, executed_fraction=executed, layer_frequency=freq, flops=flops,
+                        **offline, **lat)
 
 
-def evaluate_policies(cfg: PipelineConfig, uris: dict[str, str], episodes_per_task: int) -> dict[str, Any]:
-    """A report dict: one block per policy, plus student/teacher ratios when both are present."""
-    manifest = read_manifest(cfg.shards_uri)
+def evaluate_policies(cfg: PipelineConfig, uris: dict[str, str], episodes_per_task: int) -> EvaluationReport:
+    """One block per policy, plus each policy's ratios to the teacher when a teacher is among them."""
+    paths = RunPaths.of(cfg)
+    manifest = read_manifest(paths.shards)
     # Before minutes of rollouts: a bad shard stops here naming file, row and fix (or, with
     # data.on_bad_rows=skip, its rows leave the held-out set, counted); reused from earlier stages of the run.
-    report = validate_shards(cfg.shards_uri, manifest, cfg.data.on_bad_rows, cache_dir=cfg.stage_dir("validation"))
+    report = validate_shards(paths.shards, manifest, cfg.data.on_bad_rows, cache_dir=paths.validation)
     _, val_ids = split_episodes(manifest, cfg.data.val_fraction)
     image_shape = tuple(manifest.image_shape)
     seeds = [cfg.evaluate.seed + i for i in range(episodes_per_task)]
@@ -98,30 +101,19 @@ def evaluate_policies(cfg: PipelineConfig, uris: dict[str, str], episodes_per_ta
                               cfg.evaluate.max_steps, cfg.evaluate.num_workers, cfg.evaluate.envs_per_worker)
     policies = {name: Policy(uri) for name, uri in uris.items()}
     # Read once: the held-out rows serve the action error (an error if there are none) and the latency sample.
-    heldout = open_shards(cfg.shards_uri, manifest, episodes=val_ids, skip_rows=report.skip_rows).materialize()
+    heldout = open_shards(paths.shards, manifest, episodes=val_ids, skip_rows=report.skip_rows).materialize()
     offline = {name: action_error(p, heldout, image_shape) for name, p in policies.items()}
     samples = _sample_rows(heldout, image_shape, manifest.proprio_dim, LATENCY_SAMPLES, cfg.evaluate.seed)
     lat = paired_latency(policies, samples, cfg.evaluate.latency_calls, cfg.evaluate.latency_threads)
-    report: dict[str, Any] = {
-        "tasks": cfg.collect.tasks, "seeds": seeds, "max_steps": cfg.evaluate.max_steps,
-        "policies": {name: _policy_block(name, p, results, offline[name], lat[name])
-                     for name, p in policies.items()},
-    }
-    if "teacher" in uris:
-        report["ratios"] = _ratios(report["policies"])
-    return report
+    blocks = {name: _policy_block(name, p, results, offline[name], lat[name]) for name, p in policies.items()}
+    return EvaluationReport(tasks=cfg.collect.tasks, seeds=seeds, max_steps=cfg.evaluate.max_steps, policies=blocks,
+                            ratios=_ratios(blocks) if "teacher" in blocks else None)
 
 
-def _ratios(blocks: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+def _ratios(blocks: dict[str, PolicyReport]) -> dict[str, Ratios]:
     teacher = blocks["teacher"]
-    out = {}
-    for name, b in blocks.items():
-        if name == "teacher":
-            continue
-        out[name] = {
-            "backbone_flops_ratio": b["flops"]["backbone"] / teacher["flops"]["backbone"],
-            "total_flops_ratio": b["flops"]["total"] / teacher["flops"]["total"],
-            "latency_speedup": teacher["latency_ms_median"] / b["latency_ms_median"],
-            "success_delta": b["success"] - teacher["success"],
-        }
-    return out
+    return {name: Ratios(backbone_flops_ratio=b.flops["backbone"] / teacher.flops["backbone"],
+                         total_flops_ratio=b.flops["total"] / teacher.flops["total"],
+                         latency_speedup=teacher.latency_ms_median / b.latency_ms_median,
+                         success_delta=b.success - teacher.success)
+            for name, b in blocks.items() if name != "teacher"}

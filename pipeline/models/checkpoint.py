@@ -4,16 +4,52 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load, save
 
 from pipeline.data import storage
+from pipeline.data.batches import Normalizer
+from pipeline.data.manifest import Manifest
 from pipeline.models.graph import ProbeSet
 from pipeline.models.vla import VLA, VLAConfig
 
 WEIGHTS, CONFIG, PROBES, PROBES_CONFIG = "model.safetensors", "config.json", "probes.safetensors", "probes.json"
+
+
+class PolicyCard(BaseModel):
+    """A policy folder's config.json beside its weights: the architecture, the weights' hash, and where the
+    policy came from (data, teacher, config). Keys this model does not name are kept as they are."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    normalizer: dict[str, list[float]]     # action/proprio mean and std of the training data
+    vla: dict[str, Any] | None = None      # VLAConfig; written by save_state
+    weights_sha256_16: str | None = None   # the weights' identity (labels and probes are keyed by it)
+    role: Literal["teacher", "student"] | None = None
+    data_content_hash: str | None = None   # the shards' manifest hash it was trained on
+    instructions: dict[str, str] | None = None
+    config_digest: str | None = None       # of the whole pipeline config that made it
+    teacher_hash: str | None = None        # student: the teacher it was derived from
+    router_budget: float | None = None     # student: router.budget it was trained for
+    threshold: float | None = None         # student: the inference gate threshold
+
+    @classmethod
+    def for_teacher(cls, manifest: Manifest, config_digest: str) -> PolicyCard:
+        return cls(role="teacher", normalizer=Normalizer.from_manifest(manifest).to_dict(),
+                   data_content_hash=manifest.content_hash, instructions=manifest.instructions,
+                   config_digest=config_digest)
+
+    @property
+    def hash(self) -> str:
+        if self.weights_sha256_16 is None:
+            raise ValueError("this policy card was never saved with weights; it has no hash")
+        return self.weights_sha256_16
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
 
 
 def _to_bytes(state: dict[str, torch.Tensor]) -> bytes:
@@ -24,43 +60,43 @@ def weights_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def save_state(state: dict[str, torch.Tensor], vla: VLAConfig, uri: str, meta: dict[str, Any]) -> str:
+def save_state(state: dict[str, torch.Tensor], vla: VLAConfig, uri: str, card: PolicyCard) -> str:
     """Write weights and config; returns the weights hash (the teacher identity used by the cache)."""
     data = _to_bytes(state)
     digest = weights_hash(data)
-    config = {"vla": vla.model_dump(), "weights_sha256_16": digest, **meta}
+    config = card.model_copy(update={"vla": vla.model_dump(), "weights_sha256_16": digest}).to_json()
     storage.write_bytes(storage.join(uri, WEIGHTS), data)
     storage.write_bytes(storage.join(uri, CONFIG), json.dumps(config, indent=2).encode())
     return digest
 
 
-def save_policy(model: VLA, uri: str, meta: dict[str, Any]) -> str:
-    return save_state(model.state_dict(), model.cfg, uri, meta)
+def save_policy(model: VLA, uri: str, card: PolicyCard) -> str:
+    return save_state(model.state_dict(), model.cfg, uri, card)
 
 
-def read_policy_config(uri: str) -> dict[str, Any]:
+def read_policy_config(uri: str) -> PolicyCard:
     path = storage.join(uri, CONFIG)
     if not storage.exists(path):
         raise FileNotFoundError(f"{path} not found: {uri} is not a policy checkpoint "
                                 f"(expected {CONFIG} and {WEIGHTS}); run the stage that writes it first")
-    return json.loads(storage.read_bytes(path))
+    return PolicyCard.model_validate_json(storage.read_bytes(path))
 
 
-def load_policy(uri: str) -> tuple[VLA, dict[str, Any]]:
+def load_policy(uri: str) -> tuple[VLA, PolicyCard]:
     """Rebuild a VLA from a checkpoint folder; the weights' hash is checked against config.json."""
-    config = read_policy_config(uri)
+    card = read_policy_config(uri)
     data = storage.read_bytes(storage.join(uri, WEIGHTS))
     digest = weights_hash(data)
-    if digest != config["weights_sha256_16"]:
+    if digest != card.weights_sha256_16 or card.vla is None:
         raise ValueError(f"{storage.join(uri, WEIGHTS)} has hash {digest} but {CONFIG} records "
-                         f"{config['weights_sha256_16']}: the folder mixes two checkpoints; re-export it")
-    model = VLA(VLAConfig(**config["vla"]))
+                         f"{card.weights_sha256_16}: the folder mixes two checkpoints; re-export it")
+    model = VLA(VLAConfig(**card.vla))
     model.load_state_dict(load(data), strict=True)
-    return model.eval(), config
+    return model.eval(), card
 
 
 def policy_hash(uri: str) -> str:
-    return str(read_policy_config(uri)["weights_sha256_16"])
+    return read_policy_config(uri).hash
 
 
 def save_probes(probes: ProbeSet, uri: str, meta: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.tracking.pyfunc import POLICY_ARTIFACT
+from pipeline.tune.trials import TrialResult
 
 log = logging.getLogger(__name__)
 
@@ -25,19 +26,33 @@ class Gate:
     success_delta: float
     compute_budget: float
 
-    def passes(self, candidate: dict[str, Any]) -> bool:
-        return (candidate["success"] >= self.teacher_success - self.success_delta
-                and candidate["compute_ratio"] <= self.compute_budget)
+    def passes(self, candidate: TrialResult) -> bool:
+        return (candidate.success >= self.teacher_success - self.success_delta
+                and candidate.compute_ratio <= self.compute_budget)
 
 
-def rank_key(candidate: dict[str, Any]) -> tuple[float, float, float]:
+@dataclass(frozen=True)
+class Registration:
+    """What promote did: the version these weights are, and where the aliases point now."""
+
+    name: str
+    version: str
+    challenger: str
+    champion: str
+
+
+def rank_key(success: float, compute_ratio: float, action_mse_norm: float) -> tuple[float, float, float]:
     """Higher success first, then less compute, then lower held-out action error."""
-    return (-candidate["success"], candidate["compute_ratio"], candidate["action_mse_norm"])
+    return (-success, compute_ratio, action_mse_norm)
 
 
-def best_passing(candidates: list[dict[str, Any]], gate: Gate) -> dict[str, Any] | None:
+def _candidate_key(candidate: TrialResult) -> tuple[float, float, float]:
+    return rank_key(candidate.success, candidate.compute_ratio, candidate.action_mse_norm)
+
+
+def best_passing(candidates: list[TrialResult], gate: Gate) -> TrialResult | None:
     passing = [c for c in candidates if gate.passes(c)]
-    return min(passing, key=rank_key) if passing else None
+    return min(passing, key=_candidate_key) if passing else None
 
 
 def _alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
@@ -59,11 +74,11 @@ def find_version(client: MlflowClient, name: str, student_hash: str) -> Any | No
     return None
 
 
-def register_student(name: str, candidate: dict[str, Any], evidence: dict[str, str]) -> Any:
+def register_student(name: str, candidate: TrialResult, evidence: dict[str, str]) -> Any:
     """Log the student as a pyfunc in the active run, register it, and tag the version with its evidence."""
     # Models-from-code: MLflow stores the entry file, not a cloudpickled object.
     info = mlflow.pyfunc.log_model(name="student", python_model=str(PYFUNC_ENTRY),
-                                   artifacts={POLICY_ARTIFACT: candidate["student_uri"]},
+                                   artifacts={POLICY_ARTIFACT: candidate.student_uri},
                                    pip_requirements=["actdistill"])
     version = mlflow.register_model(info.model_uri, name)
     client = MlflowClient()
@@ -75,14 +90,15 @@ def register_student(name: str, candidate: dict[str, Any], evidence: dict[str, s
 def beats(challenger: Any, champion: Any | None) -> bool:
     if champion is None:
         return True
-    return rank_key(_metrics_of(challenger)) < rank_key(_metrics_of(champion))
+    return _version_key(challenger) < _version_key(champion)
 
 
-def _metrics_of(version: Any) -> dict[str, float]:
-    return {k: float(version.tags[k]) for k in ("success", "compute_ratio", "action_mse_norm")}
+def _version_key(version: Any) -> tuple[float, float, float]:
+    """The rank of a registered version, from the evidence tags it was registered with."""
+    return rank_key(*(float(version.tags[k]) for k in ("success", "compute_ratio", "action_mse_norm")))
 
 
-def set_aliases(name: str, version: Any) -> dict[str, str]:
+def set_aliases(name: str, version: Any) -> Registration:
     """challenger -> this version; champion moves only if it beats the current champion."""
     client = MlflowClient()
     client.set_registered_model_alias(name, CHALLENGER, version.version)
@@ -91,4 +107,5 @@ def set_aliases(name: str, version: Any) -> dict[str, str]:
         client.set_registered_model_alias(name, CHAMPION, version.version)
         log.info("version %s of %s is now %s", version.version, name, CHAMPION)
     final = _alias_version(client, name, CHAMPION)
-    return {CHALLENGER: str(version.version), CHAMPION: str(final.version) if final else ""}
+    return Registration(name=name, version=str(version.version), challenger=str(version.version),
+                        champion=str(final.version) if final else "")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +11,12 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipeline.config import PipelineConfig, with_overrides
 from pipeline.data import storage
-from pipeline.distill.fit_student import fit_student
-from pipeline.distill.loop import Tracking
-from pipeline.distill.trainer import TrainRun
+from pipeline.distill.fit import fit_student
 from pipeline.evaluate.suite import evaluate_policies
+from pipeline.stages import RunPaths
+from pipeline.train.driver import TrainRun
+from pipeline.train.loop import Tracking
+from pipeline.tune.trials import TrialResult
 
 # Trials hold almost no CPU themselves: their Ray Train workers and rollout tasks reserve their own.
 TRIAL_RESOURCES = {"CPU": 0.01}
@@ -25,7 +26,7 @@ def trial_fn_per_trial(params: dict[str, Any], base: dict[str, Any], parent_run_
     """One trial (runs in a Tune actor): distill with the sampled values, evaluate the student, report."""
     cfg = with_overrides(PipelineConfig.model_validate(base), params)
     trial = tune.get_context().get_trial_name()
-    folder = cfg.stage_dir("sweep") / trial
+    folder = RunPaths.of(cfg).sweep / trial
     mlflow.set_tracking_uri(cfg.tracking_uri)
     mlflow.set_experiment(cfg.tracking.experiment)
     tags = {"mlflow.parentRunId": parent_run_id, "stage": "sweep-trial", "trial": trial,
@@ -39,14 +40,14 @@ def trial_fn_per_trial(params: dict[str, Any], base: dict[str, Any], parent_run_
                                       resumed=False),
                              reserved=TRIAL_RESOURCES["CPU"], callbacks=[TuneReportCallback()])
         report = evaluate_policies(cfg, {"student": result.student_uri}, cfg.sweep.eval_episodes_per_task)
-        block = report["policies"]["student"]
+        block = report.policies["student"]
         # val_action_mse here is the same held-out, hard-gated measure the workers reported during the fit.
-        metrics = {"success": block["success"], "compute_ratio": block["executed_fraction"],
-                   "val_action_mse": block["action_mse_norm"], "action_mse_norm": block["action_mse_norm"],
-                   "latency_ms_median": block["latency_ms_median"], "flops_total": block["flops"]["total"],
+        metrics = {"success": block.success, "compute_ratio": block.executed_fraction,
+                   "val_action_mse": block.action_mse_norm, "action_mse_norm": block.action_mse_norm,
+                   "latency_ms_median": block.latency_ms_median, "flops_total": block.flops["total"],
                    **{f"train_{k}": v for k, v in result.metrics.items()}}
         mlflow.log_metrics(metrics)
-        (folder / "report.json").write_text(json.dumps(report, indent=2))
+        (folder / "report.json").write_text(report.to_json())
         tune.report({**metrics, "trial": trial, "student_uri": result.student_uri,
                      "mlflow_run_id": run.info.run_id})
 
@@ -72,8 +73,7 @@ def anchored(cfg: PipelineConfig) -> PipelineConfig:
     return with_overrides(cfg, overrides)
 
 
-def run_trials(cfg: PipelineConfig, space: dict[str, Any], parent_run_id: str
-               ) -> tuple[list[dict[str, Any]], int]:
+def run_trials(cfg: PipelineConfig, space: dict[str, Any], parent_run_id: str) -> tuple[list[TrialResult], int]:
     """Run the sweep: (evaluated trials, number stopped early by ASHA). A failed trial is an error."""
     trainable = tune.with_resources(
         tune.with_parameters(trial_fn_per_trial, base=anchored(cfg).model_dump(mode="json"),
@@ -83,7 +83,7 @@ def run_trials(cfg: PipelineConfig, space: dict[str, Any], parent_run_id: str
         trainable, param_space=space,
         tune_config=tune.TuneConfig(num_samples=cfg.sweep.num_samples, scheduler=scheduler(cfg),
                                     max_concurrent_trials=cfg.sweep.max_concurrent_trials),
-        run_config=tune.RunConfig(name=f"{cfg.run.name}-sweep", storage_path=str(cfg.stage_dir("ray").resolve())),
+        run_config=tune.RunConfig(name=f"{cfg.run.name}-sweep", storage_path=str(RunPaths.of(cfg).ray)),
     )
     grid = tuner.fit()
     failed = [r for r in grid if r.error is not None]
@@ -97,10 +97,10 @@ def run_trials(cfg: PipelineConfig, space: dict[str, Any], parent_run_id: str
             stopped += 1
             continue
         params = {k: r.config[k] for k in space}
-        trials.append({"trial": m["trial"], "params": params, "student_uri": m["student_uri"],
-                       "mlflow_run_id": m["mlflow_run_id"], "success": m["success"],
-                       "compute_ratio": m["compute_ratio"], "action_mse_norm": m["action_mse_norm"],
-                       "latency_ms_median": m["latency_ms_median"]})
+        trials.append(TrialResult(trial=m["trial"], params=params, student_uri=m["student_uri"],
+                                  mlflow_run_id=m["mlflow_run_id"], success=m["success"],
+                                  compute_ratio=m["compute_ratio"], action_mse_norm=m["action_mse_norm"],
+                                  latency_ms_median=m["latency_ms_median"]))
     return trials, stopped
 
 

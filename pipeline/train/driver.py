@@ -1,4 +1,4 @@
-"""Driver side of training: build the TorchTrainer, fit, and copy the exported policy to its URI."""
+"""Driver side of training (Ray Train): a run's name and resume record, the TorchTrainer fit, publishing the policy."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from pipeline.config import PipelineConfig, TrainSection
 from pipeline.data import storage
 from pipeline.models.checkpoint import CONFIG, WEIGHTS
+from pipeline.stages import RunPaths, inputs, inputs_digest
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,10 @@ def _runs_in(storage_path: Path) -> list[str]:
     return sorted(p.name for p in storage_path.iterdir() if (p / RUN_RECORD).is_file())
 
 
-def train_run(cfg: PipelineConfig, stage: str, storage_path: Path) -> TrainRun:
-    """A fresh run, or (run.resume=NAME) the interrupted run NAME after checking it is this stage and config."""
-    storage_path = storage_path.resolve()
+def train_run(cfg: PipelineConfig, stage: str, storage_path: Path | None = None) -> TrainRun:
+    """A fresh run, or (run.resume=NAME) the interrupted run NAME after checking it is this stage and that the
+    config sections its output depends on are unchanged (stages.inputs: other sections may differ)."""
+    storage_path = (storage_path or RunPaths.of(cfg).ray).resolve()
     if not cfg.run.resume:
         name = f"{cfg.run.name}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
         return TrainRun(name=name, storage_path=storage_path, resumed=False)
@@ -70,17 +72,19 @@ def train_run(cfg: PipelineConfig, stage: str, storage_path: Path) -> TrainRun:
     if record["stage"] != stage:
         raise ValueError(f"run.resume={name!r} is a {record['stage']} run, not {stage}; "
                          f"resume it with `actdistill {record['stage']}`")
-    if record["config_digest"] != cfg.digest():
-        raise ValueError(f"run.resume={name!r} was started with config digest {record['config_digest']}, "
-                         f"this config has {cfg.digest()}; pass the same --config and overrides as the "
-                         f"interrupted run (run.resume aside)")
+    digest = inputs_digest(cfg, stage)
+    # Records written before the stage graph hold the whole config's digest: an identical config still resumes.
+    if record["config_digest"] not in (digest, cfg.digest()):
+        raise ValueError(f"run.resume={name!r} was started with digest {record['config_digest']} of the config "
+                         f"sections {stage} depends on ({', '.join(inputs(stage))}); this config has {digest}. "
+                         f"Pass the same --config and overrides as the interrupted run for those sections")
     return TrainRun(name=name, storage_path=storage_path, resumed=True, mlflow_run_id=record["mlflow_run_id"])
 
 
 def record_run(run: TrainRun, cfg: PipelineConfig, stage: str, mlflow_run_id: str) -> None:
-    """What `--resume` checks later: the stage, the config digest and the MLflow run to continue."""
+    """What `--resume` checks later: the stage, the digest of its config inputs and the MLflow run to continue."""
     run.folder.mkdir(parents=True, exist_ok=True)
-    record = {"stage": stage, "config_digest": cfg.digest(), "mlflow_run_id": mlflow_run_id}
+    record = {"stage": stage, "config_digest": inputs_digest(cfg, stage), "mlflow_run_id": mlflow_run_id}
     (run.folder / RUN_RECORD).write_text(json.dumps(record, indent=2))
     log.info("Ray Train run %s (continue it after an interruption with --resume %s)", run.name, run.name)
 

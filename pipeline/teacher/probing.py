@@ -7,6 +7,7 @@ student in train mode) and are keyed by (episode_id, step, teacher hash), never 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,11 +15,16 @@ import ray.data
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ModelSection, ProbeSection
+from pipeline.config import ModelSection, PipelineConfig, ProbeSection
 from pipeline.data.batches import Normalizer, to_model_batch
-from pipeline.models.checkpoint import load_policy, load_probes
+from pipeline.data.labelled import Labels, clear, open_labelled, write_labels
+from pipeline.data.manifest import read_manifest
+from pipeline.data.shards import open_shards, split_episodes
+from pipeline.data.validate import validate_shards
+from pipeline.models.checkpoint import load_policy, load_probes, save_probes
 from pipeline.models.graph import ProbeSet
 from pipeline.models.vla import VLA
+from pipeline.stages import RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +80,10 @@ class TeacherLabeler:
     def __init__(self, teacher_uri: str, probes_uri: str, teacher_hash: str,
                  image_shape: tuple[int, int, int]) -> None:
         torch.set_num_threads(1)
-        self.teacher, meta = load_policy(teacher_uri)
+        self.teacher, card = load_policy(teacher_uri)
         self.probes, _ = load_probes(probes_uri)
         self.probes.eval()
-        self.normalizer = Normalizer.from_dict(meta["normalizer"])
+        self.normalizer = Normalizer.from_dict(card.normalizer)
         self.teacher_hash, self.image_shape = teacher_hash, image_shape
 
     @torch.no_grad()
@@ -102,3 +108,51 @@ def label_rows(data: ray.data.Dataset, teacher_uri: str, probes_uri: str, teache
                             fn_constructor_kwargs=dict(teacher_uri=teacher_uri, probes_uri=probes_uri,
                                                        teacher_hash=teacher_hash, image_shape=image_shape),
                             compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    probes_uri: str
+    labelled_uri: str
+    rows: int
+    final_probe_mse: float
+    losses: list[float]          # the probe loss per training step
+    skipped_bad_rows: int
+    teacher_hash: str
+
+
+def probe_teacher(cfg: PipelineConfig) -> ProbeResult:
+    """Driver side of stage 1: fit the probes on the frozen teacher, then label every row (train and
+    validation; distill picks its split by episode id) and check that every usable row was written."""
+    paths = RunPaths.of(cfg)
+    teacher_uri, probes_uri = str(paths.teacher), str(paths.probes)
+    manifest = read_manifest(paths.shards)
+    # Same checks as train-teacher (stored in the run, so a later stage reuses them): a bad shard stops the
+    # job naming file, row and fix, or with data.on_bad_rows=skip its bad rows are left out and counted.
+    report = validate_shards(paths.shards, manifest, cfg.data.on_bad_rows, cache_dir=paths.validation)
+    teacher, card = load_policy(teacher_uri)
+    if manifest.content_hash != card.data_content_hash:
+        raise ValueError(f"the teacher at {teacher_uri} was trained on data {card.data_content_hash}, but "
+                         f"{paths.shards} holds {manifest.content_hash}; re-run train-teacher")
+    train_ids, _ = split_episodes(manifest, cfg.data.val_fraction)
+    image_shape = tuple(manifest.image_shape)
+    probes = new_probes(teacher, cfg.model)
+    train_rows = open_shards(paths.shards, manifest, episodes=train_ids, skip_rows=report.skip_rows)
+    losses = fit_probes(teacher, probes, train_rows, cfg.probe, Normalizer.from_dict(card.normalizer),
+                        image_shape, cfg.run.seed)
+    save_probes(probes, probes_uri, {"teacher_hash": card.hash})
+    clear(paths.labelled)
+    labelled = label_rows(open_shards(paths.shards, manifest, skip_rows=report.skip_rows, cache=False),
+                          teacher_uri, probes_uri, card.hash, image_shape, cfg.probe.batch_size)
+    labelled.write_parquet(paths.labelled)
+    # Counted from the files as written (one pass, nothing cached); bad rows left out are not expected.
+    written, expected = open_labelled(paths.labelled, cache=False).count(), manifest.num_steps - report.num_bad
+    if written != expected:
+        raise RuntimeError(f"labelled {written} rows but the shards hold {expected} usable rows "
+                           f"({report.num_bad} bad); see the Ray Data logs above and re-run probe-teacher")
+    write_labels(paths.labelled, Labels(teacher_hash=card.hash, source_content_hash=manifest.content_hash,
+                                        num_layers=teacher.cfg.num_layers, semantic_dim=cfg.model.semantic_dim,
+                                        action_dim=teacher.cfg.action_dim, num_rows=written))
+    return ProbeResult(probes_uri=probes_uri, labelled_uri=paths.labelled, rows=written,
+                       final_probe_mse=float(np.mean(losses[-max(1, len(losses) // 5):])), losses=losses,
+                       skipped_bad_rows=report.num_bad, teacher_hash=card.hash)

@@ -1,0 +1,181 @@
+"""Fitting a routed student (stage 2): the worker loop on every Ray Train worker, and the driver that checks the
+teacher's labels and probes, starts the fit and publishes the student."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray.data
+import ray.train
+import torch
+import torch.distributed as dist
+
+from pipeline.config import DistillSection, PipelineConfig, RouterSection
+from pipeline.data import storage
+from pipeline.data.augment import random_shift
+from pipeline.data.batches import Normalizer, to_model_batch
+from pipeline.data.labelled import check_teacher, open_labelled, read_labels
+from pipeline.data.manifest import Manifest, read_manifest
+from pipeline.data.shards import open_shards, split_episodes
+from pipeline.data.validate import validate_shards
+from pipeline.distill.objective import StudentObjective, teacher_targets
+from pipeline.models.checkpoint import PROBES_CONFIG, PolicyCard, load_policy, load_probes, read_policy_config, \
+    read_probes_config
+from pipeline.models.student import DistillModule, derive_student
+from pipeline.models.vla import VLA
+from pipeline.ray_runtime import is_local
+from pipeline.stages import RunPaths
+from pipeline.train.driver import TrainRun, fit, publish_policy
+from pipeline.train.engine import full_state_dict, make_engine
+from pipeline.train.loop import Export, Ledger, MetricLog, Tracking, float_dtype, run_steps
+
+
+@dataclass(frozen=True)
+class StudentJob:
+    """What every distill worker receives: its config sections and what the driver resolved from the run."""
+
+    router: RouterSection
+    distill: DistillSection                # the loss weights, objective, teacher mode and distill.train
+    teacher_uri: str
+    teacher_hash: str
+    probes_uri: str
+    image_shape: tuple[int, int, int]
+    card: PolicyCard                       # the exported student's config.json, less the weights
+    tracking: Tracking
+    seed: int
+    eval_every: int = 0                    # distill.eval_every, or 0 when there are no held-out episodes
+    ledger_dir: str | None = None          # where rank r appends rank{r}.jsonl (train.ledger); None: no ledger
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    student_uri: str
+    teacher_hash: str
+    metrics: dict[str, float]
+
+
+@torch.no_grad()
+def _val_action_mse(student: VLA, normalizer: Normalizer, job: StudentJob, dtype: torch.dtype) -> float:
+    """Held-out action MSE of the student as deployed (hard gates), all-reduced over the workers."""
+    student.eval()
+    totals = torch.zeros(2, dtype=torch.float64)
+    for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=job.distill.train.batch_size,
+                                                                  batch_format="numpy"):
+        b = to_model_batch(batch, normalizer, job.image_shape)
+        out = student(b["images"].to(dtype), b["instructions"], b["proprio"].to(dtype), mode="hard",
+                      threshold=job.router.threshold)
+        totals[0] += float(((out.actions.float() - b["actions"]) ** 2).sum())
+        totals[1] += b["actions"].numel()
+    student.train()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+
+
+def _student_objective(job: StudentJob) -> tuple[StudentObjective, PolicyCard]:
+    """Student = teacher weights + router + stage-1 probes; online mode adds frozen copies of both."""
+    teacher, teacher_card = load_policy(job.teacher_uri)
+    probes, _ = load_probes(job.probes_uri)
+    static = tuple(job.router.static_layers) if job.router.static_layers else None
+    student = derive_student(teacher, job.router.hidden, static)
+    if job.distill.objective == "action_regression":
+        probes.requires_grad_(False)   # no per-layer terms: the probes get no gradient and are not exported
+    module = DistillModule(student, probes)
+    if job.distill.teacher_mode == "cached":
+        return StudentObjective(module, job.router, job.distill), teacher_card
+    # The frozen copy is taken before training touches the student's probes: the labellers of stage 1.
+    return StudentObjective(module, job.router, job.distill, teacher, copy.deepcopy(probes)), teacher_card
+
+
+def student_fn_per_worker(loop_config: dict[str, Any]) -> None:
+    """Stage 2: the routed student (teacher weights + router + stage-1 probes) under the ActDistill loss."""
+    job: StudentJob = loop_config["job"]
+    train = job.distill.train
+    torch.manual_seed(job.seed)
+    objective, teacher_card = _student_objective(job)
+    student_cfg = objective.distill.student.cfg
+    own_lr = {"distill.student.router": job.router.lr} if job.router.lr else None
+    engine, _ = make_engine(objective, train, own_lr)
+    normalizer = Normalizer.from_dict(teacher_card.normalizer)
+    rank = ray.train.get_context().get_world_rank()
+    log = MetricLog(job.tracking, rank == 0)
+    dtype = float_dtype(train)
+    cached = job.distill.teacher_mode == "cached"
+
+    def step_fn(batch: dict[str, np.ndarray], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        b = to_model_batch(batch, normalizer, job.image_shape)
+        targets = teacher_targets(batch, job.teacher_hash, student_cfg.num_layers) if cached else None
+        # Shifts only in online mode (the config refuses them with cached labels): there the frozen teacher
+        # labels the same shifted images inside the objective. Seeded per micro-batch by run_steps.
+        images = random_shift(b["images"], train.augment_shift)
+        loss, parts, executed = engine(images.to(dtype), b["instructions"], b["proprio"].to(dtype),
+                                       b["actions"], targets, objective.temperature(step))
+        return loss, {**parts, "executed_fraction": float(executed)}
+
+    def eval_fn(step: int) -> dict[str, float]:
+        val = _val_action_mse(engine.module.distill.student, normalizer, job, dtype)
+        log.log({"val/action_mse": val}, step)
+        return {"val_action_mse": val, "step": step}
+
+    def state() -> dict[str, torch.Tensor]:
+        prefix = "distill.student."
+        return {k.removeprefix(prefix): v for k, v in full_state_dict(engine).items() if k.startswith(prefix)}
+
+    run_steps(engine, train, job.seed, log, Ledger(job.ledger_dir, rank), Export(state, student_cfg, job.card),
+              step_fn, eval_fn, job.eval_every)
+
+
+def check_probes(probes_uri: str, teacher_hash: str) -> None:
+    """The stage-1 probes are the student's heads and, online, the teacher's labellers: same teacher only."""
+    made_by = read_probes_config(probes_uri).get("teacher_hash")
+    if made_by != teacher_hash:
+        raise ValueError(f"{storage.join(probes_uri, PROBES_CONFIG)}: the probes were trained on teacher "
+                         f"{made_by}, but the teacher checkpoint "
+                         f"is {teacher_hash}; re-run `actdistill probe-teacher` for this teacher")
+
+
+def _datasets(cfg: PipelineConfig, manifest: Manifest, teacher_hash: str) -> dict[str, ray.data.Dataset]:
+    """cached: probe-teacher's labelled shards (refused if another teacher made them); online: raw shards."""
+    paths = RunPaths.of(cfg)
+    train_ids, val_ids = split_episodes(manifest, cfg.data.val_fraction)
+    if cfg.distill.teacher_mode == "cached":
+        check_teacher(read_labels(paths.labelled), teacher_hash, paths.labelled)
+
+        def rows(ids: set[str]) -> ray.data.Dataset:
+            return open_labelled(paths.labelled, episodes=ids)
+    else:
+        report = validate_shards(paths.shards, manifest, cfg.data.on_bad_rows, cache_dir=paths.validation)
+
+        def rows(ids: set[str]) -> ray.data.Dataset:
+            return open_shards(paths.shards, manifest, episodes=ids, skip_rows=report.skip_rows)
+    datasets = {"train": rows(train_ids).random_shuffle(seed=cfg.run.seed)}
+    if val_ids and cfg.distill.eval_every:
+        datasets["val"] = rows(val_ids)
+    return datasets
+
+
+def fit_student(cfg: PipelineConfig, tracking: Tracking, student_uri: str, run: TrainRun,
+                reserved: float = 0.0, callbacks: list[Any] | None = None) -> DistillResult:
+    """Labels or probes made by another teacher are refused before any worker starts."""
+    paths = RunPaths.of(cfg)
+    teacher_uri, probes_uri = str(paths.teacher), str(paths.probes)
+    teacher_card = read_policy_config(teacher_uri)
+    check_probes(probes_uri, teacher_card.hash)
+    manifest = read_manifest(paths.shards)
+    datasets = _datasets(cfg, manifest, teacher_card.hash)
+    card = PolicyCard(role="student", teacher_hash=teacher_card.hash, router_budget=cfg.router.budget,
+                      threshold=cfg.router.threshold, data_content_hash=manifest.content_hash,
+                      config_digest=cfg.digest(), normalizer=teacher_card.normalizer,
+                      instructions=manifest.instructions)
+    job = StudentJob(router=cfg.router, distill=cfg.distill, teacher_uri=teacher_uri, teacher_hash=teacher_card.hash,
+                     probes_uri=probes_uri, image_shape=tuple(manifest.image_shape), card=card, tracking=tracking,
+                     seed=cfg.run.seed, eval_every=cfg.distill.eval_every if "val" in datasets else 0,
+                     ledger_dir=run.ledger_dir if cfg.distill.train.ledger else None)
+    metrics, checkpoint = fit(student_fn_per_worker, job, datasets, cfg.distill.train, run,
+                              local=is_local(cfg), reserved=reserved, callbacks=callbacks)
+    publish_policy(checkpoint, student_uri)
+    return DistillResult(student_uri=student_uri, teacher_hash=teacher_card.hash,
+                         metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})

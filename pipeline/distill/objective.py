@@ -1,0 +1,95 @@
+"""The stage-2 objective around the routed student, and the ungated teacher's targets it is trained towards."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.config import DistillSection, RouterSection
+from pipeline.distill.losses import LossWeights, distill_loss, regression_loss
+from pipeline.models.graph import ProbeSet
+from pipeline.models.router import anneal_temperature, budget_gates, forward_mode
+from pipeline.models.student import DistillModule
+from pipeline.models.vla import VLA
+
+
+class TeacherTargets(NamedTuple):
+    """What the ungated teacher says about a batch (normalised units): cached labels or computed online."""
+
+    sem: torch.Tensor       # L x B x S per-layer semantics (stage-1 probes on the teacher's hidden states)
+    act: torch.Tensor       # L x B x A per-layer actions of the same probes
+    action: torch.Tensor    # B x A the teacher's own action
+
+
+class StudentObjective(nn.Module):
+    """The stage-2 loss around the student; in online mode it also holds the frozen teacher and the
+    stage-1 probes that turn its hidden states into targets (partitioned with the student under ZeRO-3)."""
+
+    def __init__(self, distill: DistillModule, router: RouterSection, settings: DistillSection,
+                 teacher: VLA | None = None, teacher_probes: ProbeSet | None = None) -> None:
+        super().__init__()
+        self.distill, self.router_cfg, self.settings = distill, router, settings
+        self.weights = LossWeights.of(router, settings)
+        self.teacher, self.teacher_probes = teacher, teacher_probes
+        if teacher is not None and teacher_probes is not None:
+            teacher.requires_grad_(False)
+            teacher_probes.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> StudentObjective:
+        # The targets come from the teacher in eval mode, as probe-teacher's cached labels do.
+        super().train(mode)
+        for frozen in (self.teacher, self.teacher_probes):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    @torch.no_grad()
+    def online_targets(self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor
+                       ) -> TeacherTargets:
+        """The ungated teacher's targets for this batch, as probe-teacher labels them."""
+        if self.teacher is None or self.teacher_probes is None:
+            raise RuntimeError("online teacher targets need the teacher and its probes in the objective")
+        out = self.teacher(images, instructions, proprio, mode="off", record=True)
+        sem, act = self.teacher_probes(out.hidden, out.token_mask)
+        return TeacherTargets(sem.float(), act.float(), out.actions.float())
+
+    def forward(self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor,
+                actions: torch.Tensor, targets: TeacherTargets | None,
+                temperature: float) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+        gate, threshold = self.router_cfg.gate, self.router_cfg.threshold
+        if targets is None:
+            targets = self.online_targets(images, instructions, proprio)
+        mode = forward_mode(gate)
+        if self.settings.objective == "action_regression":
+            out = self.distill.student(images, instructions, proprio, mode=mode, threshold=threshold,
+                                       temperature=temperature)
+            gates = out.gates
+            loss, parts = regression_loss(out.actions.float(), actions, targets.action,
+                                          budget_gates(gates, gate, threshold).float(), self.weights)
+        else:
+            pred, sem_s, act_s, gates = self.distill(images, instructions, proprio, mode, threshold, temperature)
+            loss, parts = distill_loss(pred.float(), actions, sem_s.float(), act_s.float(), targets.sem,
+                                       targets.act, budget_gates(gates, gate, threshold).float(), self.weights)
+        return loss, parts, (gates >= threshold).float().mean()
+
+    def temperature(self, step: int) -> float:
+        """The gate temperature at this optimizer step: annealed 1 -> router.anneal_to, else 1."""
+        if self.router_cfg.gate != "annealed":
+            return 1.0
+        return anneal_temperature(step, self.settings.train.steps, self.router_cfg.anneal_to)
+
+
+def teacher_targets(batch: dict[str, np.ndarray], teacher_hash: str, layers: int) -> TeacherTargets:
+    """Cached teacher targets of this batch, refusing another teacher's labels."""
+    hashes = set(np.asarray(batch["teacher_hash"]).astype(str).tolist())
+    if hashes != {teacher_hash}:
+        raise ValueError(f"labelled rows were made by teacher(s) {sorted(hashes)}, but distillation uses "
+                         f"teacher {teacher_hash}; re-run `actdistill probe-teacher` for this teacher")
+    batch_size = len(batch["teacher_hash"])
+    sem = torch.as_tensor(np.asarray(batch["teacher_sem"], dtype=np.float32)).view(batch_size, layers, -1)
+    act = torch.as_tensor(np.asarray(batch["teacher_act"], dtype=np.float32)).view(batch_size, layers, -1)
+    action = torch.as_tensor(np.asarray(batch["teacher_action"], dtype=np.float32)).view(batch_size, -1)
+    return TeacherTargets(sem.transpose(0, 1), act.transpose(0, 1), action)

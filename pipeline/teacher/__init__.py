@@ -1,0 +1,1 @@
+"""The teacher: behaviour cloning on expert trajectories, and stage-1 probing that labels every row."""

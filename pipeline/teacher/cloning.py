@@ -1,0 +1,107 @@
+"""Behaviour cloning of the teacher VLA on expert actions: the worker loop and the driver that fits it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray.train
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import ModelSection, PipelineConfig, TrainSection
+from pipeline.data.augment import random_shift
+from pipeline.data.batches import Normalizer, to_model_batch
+from pipeline.data.manifest import read_manifest
+from pipeline.data.shards import open_shards, split_episodes
+from pipeline.data.validate import validate_shards
+from pipeline.models.checkpoint import PolicyCard, policy_hash
+from pipeline.models.hf_import import load_hf_backbone
+from pipeline.models.vla import VLA, VLAConfig, teacher_config
+from pipeline.ray_runtime import is_local
+from pipeline.stages import RunPaths
+from pipeline.train.driver import TrainRun, fit, publish_policy
+from pipeline.train.engine import full_state_dict, make_engine
+from pipeline.train.loop import Export, Ledger, MetricLog, Tracking, float_dtype, run_steps
+
+
+@dataclass(frozen=True)
+class TeacherJob:
+    """What every train-teacher worker receives: its config sections and what the driver resolved."""
+
+    model: ModelSection
+    train: TrainSection
+    vla: VLAConfig                      # the architecture, sized from the model section and the manifest
+    image_shape: tuple[int, int, int]
+    card: PolicyCard                    # the exported teacher's config.json, less the weights
+    tracking: Tracking
+    seed: int
+    ledger_dir: str | None = None       # where rank r appends rank{r}.jsonl (train.ledger); None: no ledger
+
+
+@dataclass(frozen=True)
+class TeacherResult:
+    uri: str
+    teacher_hash: str
+    final_action_mse: float
+    optimizer_steps: int
+    train_episodes: int
+    data_content_hash: str
+
+
+class _TeacherObjective(nn.Module):
+    def __init__(self, vla: VLA) -> None:
+        super().__init__()
+        self.vla = vla
+
+    def forward(self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor,
+                actions: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(self.vla(images, instructions, proprio).actions.float(), actions)
+
+
+def teacher_fn_per_worker(loop_config: dict[str, Any]) -> None:
+    """Behaviour cloning of the teacher VLA on expert actions (normalised MSE)."""
+    job: TeacherJob = loop_config["job"]
+    torch.manual_seed(job.seed)  # identical initial weights on every rank
+    vla = VLA(job.vla)
+    if job.model.pretrained_backbone:
+        load_hf_backbone(vla, job.model.pretrained_backbone)
+    engine, _ = make_engine(_TeacherObjective(vla), job.train)
+    normalizer = Normalizer.from_dict(job.card.normalizer)
+    rank = ray.train.get_context().get_world_rank()
+    dtype = float_dtype(job.train)
+
+    def step_fn(batch: dict[str, np.ndarray], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        b = to_model_batch(batch, normalizer, job.image_shape)
+        images = random_shift(b["images"], job.train.augment_shift)  # seeded per micro-batch by run_steps
+        loss = engine(images.to(dtype), b["instructions"], b["proprio"].to(dtype), b["actions"])
+        return loss, {"action_mse": float(loss)}
+
+    def state() -> dict[str, torch.Tensor]:
+        return {k.removeprefix("vla."): v for k, v in full_state_dict(engine).items()}
+
+    run_steps(engine, job.train, job.seed, MetricLog(job.tracking, rank == 0), Ledger(job.ledger_dir, rank),
+              Export(state, job.vla, job.card), step_fn)
+
+
+def fit_teacher(cfg: PipelineConfig, tracking: Tracking, run: TrainRun) -> TeacherResult:
+    """Driver side: validate the shards, behaviour-clone the teacher on the training episodes, publish it."""
+    paths = RunPaths.of(cfg)
+    manifest = read_manifest(paths.shards)
+    report = validate_shards(paths.shards, manifest, cfg.data.on_bad_rows, cache_dir=paths.validation)
+    train_ids, _ = split_episodes(manifest, cfg.data.val_fraction)
+    data = open_shards(paths.shards, manifest, episodes=train_ids,
+                       skip_rows=report.skip_rows).random_shuffle(seed=cfg.run.seed)
+    card = PolicyCard.for_teacher(manifest, cfg.digest())
+    job = TeacherJob(model=cfg.model, train=cfg.teacher,
+                     vla=teacher_config(cfg.model, manifest.image_shape, manifest.proprio_dim, manifest.action_dim),
+                     image_shape=tuple(manifest.image_shape), card=card, tracking=tracking, seed=cfg.run.seed,
+                     ledger_dir=run.ledger_dir if cfg.teacher.ledger else None)
+    metrics, checkpoint = fit(teacher_fn_per_worker, job, {"train": data}, cfg.teacher, run, local=is_local(cfg))
+    uri = str(paths.teacher)
+    publish_policy(checkpoint, uri)
+    return TeacherResult(uri=uri, teacher_hash=policy_hash(uri), final_action_mse=metrics["final_action_mse"],
+                         optimizer_steps=int(metrics["optimizer_steps"]), train_episodes=len(train_ids),
+                         data_content_hash=manifest.content_hash)

@@ -1,0 +1,207 @@
+"""The step loop every trained stage shares (runs on each Ray Train worker): resume, accumulate, log,
+validate, checkpoint, and the per-rank ledger of the rows trained on."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import TrainSection
+from pipeline.models.checkpoint import PolicyCard, save_state
+from pipeline.models.vla import VLAConfig
+from pipeline.train.engine import close_engine
+
+# Inside every Ray checkpoint: DeepSpeed's resumable state (one shard per rank), the exported policy
+# (model.safetensors + config.json, from rank 0) and the progress (optimizer steps done, metrics).
+DEEPSPEED_DIR, PROGRESS = "deepspeed", "progress.json"
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where rank 0 logs step metrics (the driver created the run)."""
+
+    uri: str
+    run_id: str
+
+
+class MetricLog:
+    """Rank-0-only side effects sit behind this one flag."""
+
+    def __init__(self, tracking: Tracking, enabled: bool) -> None:
+        self.client = MlflowClient(tracking.uri) if enabled else None
+        self.run_id = tracking.run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        for key, value in metrics.items():
+            self.client.log_metric(self.run_id, key, float(value), step=step)
+
+
+class Ledger:
+    """Per rank, one line per optimizer step: a digest of the (episode_id, step) keys it trained on and the
+    worker's pid. Comparing ledgers shows whether a restarted run lost or repeated any data."""
+
+    def __init__(self, folder: str | None, rank: int) -> None:
+        self.path = Path(folder) / f"rank{rank}.jsonl" if folder else None
+        self.keys: list[str] = []
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        if self.path is not None:
+            self.keys += [f"{e}/{s}" for e, s in zip(np.asarray(batch["episode_id"]).astype(str).tolist(),
+                                                      np.asarray(batch["step"]).tolist())]
+
+    def close_step(self, step: int) -> None:
+        if self.path is None:
+            return
+        digest = hashlib.sha256("\n".join(self.keys).encode()).hexdigest()[:16]
+        line = {"step": step, "rows": len(self.keys), "digest": digest, "pid": os.getpid()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        self.keys = []
+
+
+def _micro_batches(batch_size: int, count: int, skip: int, seed: int
+                   ) -> Iterator[dict[str, np.ndarray]]:
+    """Micro-batches `skip`..`count`-1 of this worker's stream, looping over epochs.
+
+    The stream is the same on every attempt (replayable_data_config; the local shuffle is seeded by
+    epoch), so skipping the micro-batches a checkpoint already consumed resumes at the exact data
+    position: no row lost, none trained on twice. Skipping re-reads those rows without computing on them;
+    a very long run would rather skip whole epochs."""
+    if skip >= count:   # a finished run resumed: nothing left to train on
+        return
+    shard = ray.train.get_dataset_shard("train")
+    done, epoch = 0, 0
+    while done < count:
+        seen = 0
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=8 * batch_size,
+                                        local_shuffle_seed=seed * 10_000 + epoch):
+            seen += 1
+            if done >= skip:
+                yield batch
+            done += 1
+            if done == count:
+                return
+        if seen == 0:
+            raise ValueError(f"this worker's data shard holds fewer rows than one batch ({batch_size}); "
+                             f"lower the batch_size or collect more episodes")
+        epoch += 1
+
+
+def float_dtype(train: TrainSection) -> torch.dtype:
+    return torch.bfloat16 if train.precision == "bf16" else torch.float32
+
+
+def _restore(engine: Any) -> tuple[int, dict[str, float]]:
+    """Load the run's latest checkpoint (weights, optimizer, LR schedule) into the engine; returns the
+    optimizer steps it had done and the metrics it reported. (0, {}) for a fresh run."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, {}
+    with checkpoint.as_directory() as folder:
+        # DeepSpeed's loader unpickles (torch.load): these files were written by this very run into its
+        # own storage path, never taken from elsewhere.
+        engine.load_checkpoint(str(Path(folder) / DEEPSPEED_DIR), load_module_strict=True)
+        progress = json.loads((Path(folder) / PROGRESS).read_text())
+    return int(progress["step"]), dict(progress["metrics"])
+
+
+@dataclass
+class Export:
+    """What every checkpoint carries besides the DeepSpeed state: the policy as it would be published."""
+
+    state: Callable[[], dict[str, torch.Tensor]]   # collective under ZeRO-3: every rank calls it
+    vla: VLAConfig
+    card: PolicyCard
+
+
+def _checkpoint(engine: Any, step: int, export: Export, metrics: dict[str, float]) -> None:
+    """Every rank writes its DeepSpeed shard and reports; rank 0 adds the exported policy and progress.
+    Ray merges the per-rank folders into one checkpoint and keeps the last train.keep_checkpoints."""
+    rank = ray.train.get_context().get_world_rank()
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(str(Path(tmp) / DEEPSPEED_DIR), tag=f"step{step:08d}", client_state={"step": step})
+        state = export.state()
+        if rank == 0:
+            save_state(state, export.vla, tmp, export.card)
+            (Path(tmp) / PROGRESS).write_text(json.dumps({"step": step, "metrics": metrics}))
+        ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+StepFn = Callable[[dict[str, np.ndarray], int], tuple[torch.Tensor, dict[str, float]]]
+EvalFn = Callable[[int], dict[str, float]]
+
+
+def run_steps(engine: Any, train: TrainSection, seed: int, log: MetricLog, ledger: Ledger, export: Export,
+              step_fn: StepFn, eval_fn: EvalFn | None = None, eval_every: int = 0) -> None:
+    """The optimizer-step loop both stages share: resume, accumulate, log, validate, checkpoint, finish.
+
+    `step_fn(batch, step)` returns the micro-batch loss and its scalar parts; randomness is seeded per
+    micro-batch from (seed, index), so a resumed run draws exactly what an uninterrupted one would."""
+    accum = train.grad_accum
+    step, last = _restore(engine)
+    history: list[dict[str, float]] = []
+    window_start, window_rows, waited = time.perf_counter(), 0, 0.0
+    ready = time.perf_counter()
+    for micro, batch in enumerate(_micro_batches(train.batch_size, train.steps * accum, step * accum, seed),
+                                  start=step * accum):
+        waited += time.perf_counter() - ready
+        torch.manual_seed(seed * 1_000_003 + micro)
+        loss, parts = step_fn(batch, step)
+        engine.backward(loss)
+        engine.step()
+        history.append(parts)
+        ledger.add(batch)
+        window_rows += len(batch["step"])
+        if (micro + 1) % accum:
+            ready = time.perf_counter()
+            continue
+        step += 1
+        ledger.close_step(step)
+        if step % train.log_every == 0:
+            recent = history[-train.log_every * accum:]
+            # samples/s of this rank, data waits included (what bench/train_overhead.py compares), and the
+            # share of that time spent waiting for Ray Data: above ~0.05 the input pipeline is the bottleneck.
+            elapsed = time.perf_counter() - window_start
+            log.log({**_mean(recent, "train/"), "train/lr": engine.get_lr()[0],
+                     "train/samples_per_s": window_rows / elapsed, "train/data_wait_fraction": waited / elapsed},
+                    step)
+            window_start, window_rows, waited = time.perf_counter(), 0, 0.0
+        if eval_fn is not None and eval_every and step % eval_every == 0:
+            # Every rank reports (a barrier); Tune's ASHA reads rank 0's val_action_mse.
+            ray.train.report(eval_fn(step))
+        if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.steps:
+            _checkpoint(engine, step, export, final_metrics(history))
+        ready = time.perf_counter()
+    metrics = final_metrics(history) if history else last
+    metrics["optimizer_steps"] = step
+    if eval_fn is not None and eval_every:
+        # The final report carries the metric too: under Tune every result must have what ASHA ranks.
+        metrics.update(eval_fn(step))
+    _checkpoint(engine, step, export, metrics)
+    close_engine(engine)
+
+
+def _mean(history: list[dict[str, float]], prefix: str) -> dict[str, float]:
+    return {f"{prefix}{k}": float(np.mean([h[k] for h in history])) for k in history[0]} if history else {}
+
+
+def final_metrics(history: list[dict[str, float]]) -> dict[str, float]:
+    """final_* metrics: the mean over the last fifth of the micro-batches trained so far."""
+    return _mean(history[-max(1, len(history) // 5):], "final_")

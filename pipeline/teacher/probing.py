@@ -136,6 +136,9 @@ def probe_teacher(cfg: PipelineConfig) -> ProbeResult:
                          f"{paths.shards} holds {manifest.content_hash}; re-run train-teacher")
     train_ids, _ = split_episodes(manifest, cfg.data.val_fraction)
     image_shape = tuple(manifest.image_shape)
+    # Seeded here: the probes' initial weights drew from whatever the process's generator held (two runs of
+    # the same config gave different probes, hence different labels and students).
+    torch.manual_seed(cfg.run.seed)
     probes = new_probes(teacher, cfg.model)
     train_rows = open_shards(paths.shards, manifest, episodes=train_ids, skip_rows=report.skip_rows)
     losses = fit_probes(teacher, probes, train_rows, cfg.probe, Normalizer.from_dict(card.normalizer),

@@ -12,7 +12,7 @@ the same held-out rows, batch-1 latency interleaved across policies. A target co
 replicate meets it: one lucky distillation does not make the result. Writes bench/results/headline.{json,md}
 and the usual evaluate report (JSON, markdown, layer heatmap) to the run folder and MLflow.
 
-Ablations (METHOD.md, issue 6), each at the student's compute unless the ablation removes the control:
+Ablations (docs/method.md), each at the student's compute unless the ablation removes the control:
 - no-graph:  distill.objective=action_regression: the final action regressed to the expert's and the
              teacher's, same router and budget, no per-layer graph alignment.
 - static:    no router: the same number of layers the routed student ran in training (rounded), evenly
@@ -45,7 +45,7 @@ from pipeline.stages import STAGES, RunPaths, inputs_digest  # noqa: E402
 RESULTS = REPO / "bench" / "results"
 STATE = "headline_state.json"    # per-stage wall seconds, config digests and the student's fraction (--reuse)
 
-# Targets of issue 6.
+# The headline targets: a teacher worth distilling, within 3 points of it at half the backbone FLOPs and 1.6x faster.
 TEACHER_MIN, SUCCESS_DROP, FLOPS_MAX, SPEEDUP_MIN = 0.60, 0.03, 0.50, 1.6
 
 
@@ -173,7 +173,7 @@ def table(report: EvaluationReport, seed: int = 0) -> str:
 
 
 def checks(report: EvaluationReport, students: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """The issue's targets; a student target is met only if every replicate meets it. `value` is the
+    """The headline targets; a student target is met only if every replicate meets it. `value` is the
     worst replicate's figure, `values` all of them in the order of `students`."""
     teacher, students = report.policies["teacher"], students or ["student"]
     targets = {  # name -> (ratio key, the worst of several values, passes)

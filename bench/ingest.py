@@ -35,12 +35,12 @@ from pipeline.data.batches import Normalizer, to_model_batch
 from pipeline.data.manifest import Manifest
 from pipeline.data.shards import open_shards, write_shards
 from pipeline.distill.losses import LossWeights, distill_loss
-from pipeline.teacher.probing import new_probes
 from pipeline.models.router import budget_gates, forward_mode
 from pipeline.models.student import DistillModule, derive_student
 from pipeline.models.vla import VLA, teacher_config
 from pipeline.ray_runtime import WORKER_ENV
 from pipeline.sim.collect import collect_episodes
+from pipeline.teacher.probing import new_probes
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "jobs" / "configs" / "smoke.yaml"

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from pathlib import Path
 
 import mlflow
 
 from pipeline.cli import run_cli
-from pipeline.config import ConfigError, PipelineConfig
+from pipeline.config import PipelineConfig
 from pipeline.evaluate.report import EvaluationReport
 from pipeline.models.checkpoint import read_policy_config
-from pipeline.stages import RunPaths
+from pipeline.stages import RunPaths, stage
 from pipeline.tracking.registry import Gate, Registration, best_passing, find_version, register_student, set_aliases
 from pipeline.tracking.runs import stage_run
 from pipeline.tune.trials import SweepSummary, TrialResult
@@ -21,17 +20,11 @@ from pipeline.tune.trials import SweepSummary, TrialResult
 log = logging.getLogger(__name__)
 
 
-def _needs(path: Path, producer: str) -> Path:
-    if not path.is_file():
-        raise ConfigError(f"{path} not found; run `actdistill {producer}` with this config first")
-    return path
-
-
 def candidates(cfg: PipelineConfig) -> tuple[list[TrialResult], float]:
     """Sweep trials plus the pipeline's own student, each with success, compute and action error."""
     paths = RunPaths.of(cfg)
-    report = EvaluationReport.read(_needs(paths.evaluate / "report.json", "evaluate"))
-    sweep = SweepSummary.read(_needs(paths.sweep / "trials.json", "sweep"))
+    report = EvaluationReport.read(stage("evaluate").require(paths))
+    sweep = SweepSummary.read(stage("sweep").require(paths))
     student = report.policies["student"]
     own = TrialResult(trial="distill", params={"router.budget": cfg.router.budget}, student_uri=str(paths.student),
                       success=student.success, compute_ratio=student.executed_fraction,

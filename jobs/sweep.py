@@ -10,7 +10,7 @@ from pipeline.cli import run_cli
 from pipeline.config import PipelineConfig
 from pipeline.evaluate.report import EvaluationReport
 from pipeline.ray_runtime import start_ray
-from pipeline.stages import RunPaths
+from pipeline.stages import RunPaths, stage
 from pipeline.tracking.runs import stage_run
 from pipeline.tune.driver import run_trials
 from pipeline.tune.frontier import frontier_plot, frontier_table, pareto
@@ -20,10 +20,11 @@ from pipeline.tune.trials import SweepSummary, TeacherPoint
 
 def teacher_reference(paths: RunPaths) -> TeacherPoint | None:
     """The teacher's point on the frontier plot, from the evaluate job's report when there is one."""
-    path = paths.evaluate / "report.json"
-    if not path.is_file():
+    try:
+        report = EvaluationReport.read(stage("evaluate").require(paths))
+    except FileNotFoundError:
         return None
-    return TeacherPoint(success=EvaluationReport.read(path).policies["teacher"].success)
+    return TeacherPoint(success=report.policies["teacher"].success)
 
 
 def main(cfg: PipelineConfig) -> SweepSummary:

@@ -159,7 +159,7 @@ class DistillSection(_Section):
     eval_every: int = Field(20, ge=0, description="optimizer steps between held-out action-error reports "
                                                   "(what ASHA reads); 0 for none")
     objective: Literal["actdistill", "action_regression"] = Field(
-        "actdistill", description="actdistill (graph-structured per-layer alignment, METHOD.md) or "
+        "actdistill", description="actdistill (graph-structured per-layer alignment, docs/method.md) or "
                                   "action_regression (ablation: only the final action, regressed to the expert's "
                                   "and the teacher's, plus the budget term)")
     teacher_mode: Literal["cached", "online"] = Field(

@@ -76,6 +76,13 @@ class Stage:
     def done_file(self, paths: RunPaths) -> str | None:
         return None if self.output is None else self.output.format(**_places(paths))
 
+    def require(self, paths: RunPaths) -> Path:
+        """The local file that shows this stage's output, for a later stage that cannot run without it."""
+        done = self.done_file(paths)
+        if done is None or not Path(done).is_file():
+            raise FileNotFoundError(f"{done} not found; run `actdistill {self.name}` with this config first")
+        return Path(done)
+
 
 def _places(paths: RunPaths) -> dict[str, str]:
     return {"shards": paths.shards, "labelled": paths.labelled, "teacher": str(paths.teacher),

@@ -1,6 +1,20 @@
-"""Shared fixtures: an S3 API served by moto on 127.0.0.1 (stopped after the tests that use it)."""
+"""Shared fixtures: an S3 API served by moto on 127.0.0.1 (stopped after the tests that use it); and the rule
+that keeps `pytest -m "not slow"` fast: a test using a fixture that starts Ray, a server or Meta-World must be
+marked slow."""
 
 import pytest
+
+# Fixtures (in any test module) that start Ray, a server or Meta-World episodes.
+SLOW_FIXTURES = {"ray_local", "ray_s3", "ray_head", "s3_server", "mlflow_server", "stack_dir", "episodes", "policies",
+                 "smoke_run", "shards"}
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [item.nodeid for item in items
+                if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError("these tests start Ray, a server or Meta-World but are not marked "
+                                "@pytest.mark.slow: " + ", ".join(unmarked))
 
 
 @pytest.fixture(scope="module")

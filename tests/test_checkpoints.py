@@ -55,6 +55,7 @@ def test_hf_decoder_loads_from_a_local_folder(hf_folder):
     _same_decoder(vla, model)
 
 
+@pytest.mark.slow
 def test_hf_decoder_and_our_checkpoints_load_from_s3(hf_folder, s3_server, tmp_path):
     folder, model = hf_folder
     _upload(folder, f"{s3_server}/llama-tiny")

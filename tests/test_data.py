@@ -49,6 +49,7 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_expert_episode_is_deterministic_per_seed(episodes):
     again = run_expert_episode("reach-v3", 0, SIZE, "corner", STEPS)
     first = episodes[0]
@@ -58,6 +59,7 @@ def test_expert_episode_is_deterministic_per_seed(episodes):
     assert not np.array_equal(first.actions, episodes[1].actions)  # another seed, another goal
 
 
+@pytest.mark.slow
 def test_episode_shapes_and_dtypes(episodes):
     ep = episodes[0]
     assert ep.images.shape == (STEPS, SIZE, SIZE, 3) and ep.images.dtype == np.uint8
@@ -78,6 +80,7 @@ def test_an_instruction_for_each_of_the_50_metaworld_tasks():
     assert INSTRUCTIONS["drawer-open-v3"] == "open the drawer"
 
 
+@pytest.mark.slow
 def test_observation_is_image_and_proprio_only():
     env = SimEnv("pick-place-v3", 3, SIZE)
     try:
@@ -99,6 +102,7 @@ def test_unknown_task_lists_choices():
         SimEnv("reach-v9", 0, SIZE)
 
 
+@pytest.mark.slow
 def test_manifest_round_trip_and_stats(shard_dir, episodes):
     folder, written = shard_dir
     manifest = read_manifest(str(folder))
@@ -114,6 +118,7 @@ def test_manifest_round_trip_and_stats(shard_dir, episodes):
     verify_hash(str(folder), manifest)
 
 
+@pytest.mark.slow
 def test_tampered_shard_fails_hash(shard_dir, tmp_path):
     folder, manifest = shard_dir
     copy = tmp_path / "copy"
@@ -136,6 +141,7 @@ def test_empty_episode_list_explains_fix(tmp_path):
         write_shards([], str(tmp_path), rows_per_shard=10, dropped=3)
 
 
+@pytest.mark.slow
 def test_split_is_stable_and_disjoint(shard_dir):
     _, manifest = shard_dir
     train, val = split_episodes(manifest, 0.25)
@@ -146,6 +152,7 @@ def test_split_is_stable_and_disjoint(shard_dir):
     assert len(split_episodes(manifest, 0.01)[1]) == 1  # never an empty validation set by rounding
 
 
+@pytest.mark.slow
 def test_open_shards_to_model_batch(shard_dir, ray_local):
     folder, manifest = shard_dir
     train, val = split_episodes(manifest, 0.25)
@@ -166,6 +173,7 @@ def test_open_shards_to_model_batch(shard_dir, ray_local):
                                norm.denorm_action(batch["actions"]).numpy())
 
 
+@pytest.mark.slow
 def test_small_folders_are_read_once_and_cached(shard_dir, ray_local, tmp_path, monkeypatch):
     folder, manifest = shard_dir
     shutil.copytree(folder, tmp_path / "copy")
@@ -186,6 +194,7 @@ def test_small_folders_are_read_once_and_cached(shard_dir, ray_local, tmp_path, 
         assert sum(len(b["step"]) for b in cached.iter_batches(batch_size=32, batch_format="numpy")) == 4 * STEPS
 
 
+@pytest.mark.slow
 def test_missing_column_is_named(shard_dir, tmp_path):
     folder, manifest = shard_dir
     for f in folder.iterdir():
@@ -196,6 +205,7 @@ def test_missing_column_is_named(shard_dir, tmp_path):
         open_shards(str(tmp_path), manifest)
 
 
+@pytest.mark.slow
 def test_collect_orders_and_drops(ray_local):
     cfg = CollectSection(tasks=["push-v3", "reach-v3"], episodes_per_task=2, image_size=16, max_steps=5, seed=7)
     kept, dropped = collect_episodes(cfg)

@@ -12,6 +12,8 @@ from pipeline.data.validate import validate_shards
 from pipeline.sim.collect import collect_episodes
 from pipeline.stages import RunPaths
 
+pytestmark = pytest.mark.slow   # Ray, Meta-World and an S3 server
+
 SIZE = 32
 
 

@@ -136,6 +136,7 @@ def test_nan_or_inf_is_named_by_file_and_row(copy):
         validate_shards(str(folder), manifest)
 
 
+@pytest.mark.slow
 def test_skip_policy_counts_logs_and_excludes_rows(copy, ray_local, caplog):
     folder, manifest = copy
 
@@ -209,6 +210,7 @@ def poison_action(folder, manifest):
     return rehash(folder, manifest)
 
 
+@pytest.mark.slow
 def test_probe_teacher_refuses_a_bad_shard_before_loading_the_teacher(copy, ray_local, tmp_path):
     from jobs import probe_teacher
 
@@ -223,6 +225,7 @@ def test_probe_teacher_refuses_a_bad_shard_before_loading_the_teacher(copy, ray_
         probe_teacher.main(stage_config(folder, tmp_path, "skip"))  # a broken file: skip cannot help
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_bad_shard_before_any_rollout(copy, ray_local, tmp_path):
     from jobs import evaluate
 

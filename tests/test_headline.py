@@ -28,7 +28,7 @@ def _report(policies, ratios):
                                             "policies": policies, "ratios": ratios})
 
 
-def test_verdict_and_table_follow_the_issue_targets():
+def test_verdict_and_table_follow_the_headline_targets():
     policies = {"teacher": _block(0.70, 1.0, 80.0), "student": _block(0.675, 0.48, 38.4)}
     ratios = {"student": {"success_delta": -0.025, "backbone_flops_ratio": 0.48, "total_flops_ratio": 0.51,
                           "latency_speedup": 1.7}}

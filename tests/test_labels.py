@@ -54,6 +54,7 @@ def _labelled_file(path, episode, rows, columns=LABEL_COLUMNS):
     pq.write_table(pa.table({c: data[c] for c in columns}), path)
 
 
+@pytest.mark.slow
 def test_labelled_rows_are_read_and_filtered_by_episode(tmp_path, ray_local):
     _labelled_file(tmp_path / "a.parquet", "e/a", 5)
     _labelled_file(tmp_path / "b.parquet", "e/b", 3)
@@ -65,6 +66,7 @@ def test_labelled_rows_are_read_and_filtered_by_episode(tmp_path, ray_local):
     assert sorted(r["step"] for r in rows) == [0, 1, 2] and {r["episode_id"] for r in rows} == {"e/b"}
 
 
+@pytest.mark.slow
 def test_labelled_folder_without_labels_or_columns_is_refused(tmp_path, ray_local):
     with pytest.raises(FileNotFoundError, match=r"holds no labelled shards.*actdistill probe-teacher"):
         open_labelled(str(tmp_path))

@@ -25,6 +25,8 @@ from pipeline.models.vla import VLA, VLAConfig
 from pipeline.stages import RunPaths
 from pipeline.tune.trials import SweepSummary, TrialResult
 
+pytestmark = pytest.mark.slow   # an MLflow server and `mlflow models serve`
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 NAME = "registry-test-student"

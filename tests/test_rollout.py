@@ -10,6 +10,8 @@ from pipeline.models.checkpoint import PolicyCard, save_policy
 from pipeline.models.student import derive_student
 from pipeline.models.vla import VLA, VLAConfig
 
+pytestmark = pytest.mark.slow   # Ray and Meta-World
+
 NORMALIZER = {"action_mean": [0.0] * 4, "action_std": [0.5] * 4, "proprio_mean": [0.0] * 4,
               "proprio_std": [1.0] * 4}
 

@@ -39,6 +39,7 @@ def _get(url):
         return response.status, response.read().decode()
 
 
+@pytest.mark.slow
 def test_up_serves_three_services_and_down_stops_every_process(stack_dir):
     up = _cli("up", "--dir", str(stack_dir), "--ray-port", "0", "--dashboard-port", "0", "--mlflow-port", "0",
               "--s3-port", "0", "--num-cpus", "1")
@@ -91,6 +92,7 @@ def test_up_serves_three_services_and_down_stops_every_process(stack_dir):
     assert not Path(state["services"]["ray"]["temp_dir"]).exists()
 
 
+@pytest.mark.slow
 def test_busy_port_is_refused_with_the_flag_to_change(stack_dir):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

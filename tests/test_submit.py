@@ -43,6 +43,7 @@ def _submit(head, *args):
                           check=False, capture_output=True, text=True, env=env, timeout=600, cwd=submit.REPO_ROOT)
 
 
+@pytest.mark.slow
 def test_collect_job_succeeds_on_the_cluster_and_writes_shards(ray_head, tmp_path):
     run_dir = tmp_path / "run"  # absolute: the job runs in a copy of the project
     result = _submit(ray_head, "collect", "--config", "jobs/configs/smoke.yaml", *TINY_COLLECT,
@@ -55,6 +56,7 @@ def test_collect_job_succeeds_on_the_cluster_and_writes_shards(ray_head, tmp_pat
     assert list((run_dir / "shards").glob("*.parquet"))
 
 
+@pytest.mark.slow
 def test_failed_job_returns_1(ray_head, tmp_path):
     # /proc is not writable: the job starts, fails creating its run folder, and reports FAILED.
     result = _submit(ray_head, "collect", "--config", "jobs/configs/smoke.yaml", *TINY_COLLECT,

@@ -22,8 +22,8 @@ from pipeline.data.manifest import Manifest, read_manifest
 from pipeline.data.shards import open_shards, split_episodes
 from pipeline.data.validate import validate_shards
 from pipeline.distill.objective import StudentObjective, teacher_targets
-from pipeline.models.checkpoint import PROBES_CONFIG, PolicyCard, load_policy, load_probes, read_policy_config, \
-    read_probes_config
+from pipeline.models.checkpoint import (PROBES_CONFIG, PolicyCard, load_policy, load_probes, read_policy_config,
+                                       read_probes_config)
 from pipeline.models.student import DistillModule, derive_student
 from pipeline.models.vla import VLA
 from pipeline.ray_runtime import is_local

@@ -13,9 +13,10 @@ class Policy:
     """Teacher (no router: every layer runs) or routed student (hard gates: skipped layers cost nothing)."""
 
     def __init__(self, uri: str) -> None:
-        self.model, self.meta = load_policy(uri)
-        self.normalizer = Normalizer.from_dict(self.meta["normalizer"])
-        self.threshold = float(self.meta.get("threshold", 0.5))
+        self.model, self.card = load_policy(uri)
+        self.normalizer = Normalizer.from_dict(self.card.normalizer)
+        # A teacher's card has no threshold: it runs every layer, so the value is never used.
+        self.threshold = self.card.threshold if self.card.threshold is not None else 0.5
         self.routed = self.model.router is not None
         # A teacher runs every layer; a routed student runs only the layers its gates open.
         self.mode = "hard" if self.routed else "off"

@@ -21,7 +21,6 @@ from pipeline.evaluate.report import EvaluationReport, PolicyReport, Ratios, Tas
 from pipeline.evaluate.rollout import mean_layer_frequency, run_closed_loop, success_table
 from pipeline.stages import RunPaths
 
-
 LATENCY_SAMPLES = 32   # distinct held-out observations the batch-1 latency calls cycle through
 
 

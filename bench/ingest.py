@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                              "episodes_per_task": args.episodes_per_task, "keep_failed": True})
     server, endpoint = start_s3()
     try:
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR",
+        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR",
                  runtime_env={"env_vars": WORKER_ENV})
         with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
             manifest = make_shards(collect, args.copies, str(Path(tmp) / "shards"), f"s3://{BUCKET}/shards")

@@ -28,7 +28,9 @@ class RunSection(_Section):
     run_dir: str = Field("runs/smoke", min_length=1,
                          description="folder holding everything this run writes, e.g. runs/smoke")
     seed: int = Field(0, ge=0, description="global seed, a non-negative integer")
-    ray_address: str | None = Field(None, description="Ray cluster address, or null for a local Ray")
+    ray_address: str | None = Field(
+        None, description="a Ray cluster's head, HOST:6379 (or ray://HOST:10001), that the job joins; null (and no "
+                          "RAY_ADDRESS) for a Ray instance of the job's own, whatever `ray start` left on the machine")
     ray_num_cpus: int | None = Field(None, ge=1,
                                      description="logical CPUs of a local Ray, or null for the machine's")
     resume: str | None = Field(None, min_length=1,

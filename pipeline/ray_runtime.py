@@ -1,9 +1,11 @@
-"""Connect to Ray: a local instance by default, a cluster when run.ray_address (or RAY_ADDRESS) is set."""
+"""Connect to Ray: a Ray instance of this job's own by default, a cluster when run.ray_address (or
+RAY_ADDRESS) names one."""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import ray
 
@@ -15,21 +17,56 @@ log = logging.getLogger(__name__)
 # training uses gloo) and must render Meta-World on the CPU.
 WORKER_ENV = {"DS_ACCELERATOR": "cpu", "MUJOCO_GL": "egl", "TOKENIZERS_PARALLELISM": "false"}
 
+# Seconds to wait for a named cluster's head to accept a connection; Ray itself retries for minutes.
+CONNECT_TIMEOUT_S = 5.0
+
+
+def cluster_address(cfg: PipelineConfig) -> str | None:
+    """The cluster this job must join (run.ray_address, else RAY_ADDRESS), or None for a Ray of its own."""
+    return cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or None
+
 
 def is_local(cfg: PipelineConfig) -> bool:
     """True when this process runs its own Ray instance (no cluster address anywhere)."""
-    return not (cfg.run.ray_address or os.environ.get("RAY_ADDRESS"))
+    return cluster_address(cfg) is None
+
+
+def init_address(address: str | None) -> str:
+    """What ray.init gets. Without an address Ray would join the cluster `ray start` last recorded under its
+    temp folder, live or dead (a head started by hand for another purpose, or one that died without
+    `ray stop`): "local" always starts a Ray instance of this process's own."""
+    return address or "local"
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail in seconds, naming the address, when nothing answers where the config says a cluster is."""
+    if address == "auto":   # Ray resolves it from its own record and says so when there is none
+        return
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"Ray address {address!r} (run.ray_address or RAY_ADDRESS) is not HOST:PORT; use the "
+                         f"head's GCS address (e.g. 10.0.0.5:6379) or ray://HOST:10001 for Ray Client")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(
+            f"no Ray cluster answers at {address} (run.ray_address or RAY_ADDRESS) within {timeout:g} s: {exc}. "
+            f"Start one there (`ray start --head --port {port}`, or `actdistill stack up` for a local stack), "
+            f"point run.ray_address at a live head, or leave both unset to run on a Ray instance of this "
+            f"job's own") from None
 
 
 def start_ray(cfg: PipelineConfig) -> None:
     """Idempotent: jobs run one after another in `actdistill run` share one Ray session."""
     if ray.is_initialized():
         return
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": WORKER_ENV}
-    if not is_local(cfg):
+    address = cluster_address(cfg)
+    if address is not None:
+        check_reachable(address)
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.run.ray_num_cpus, runtime_env=runtime_env, include_dashboard=False,
-                 log_to_driver=True)
+        ray.init(address=init_address(None), num_cpus=cfg.run.ray_num_cpus, runtime_env=runtime_env,
+                 include_dashboard=False, log_to_driver=True)

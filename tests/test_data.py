@@ -44,7 +44,7 @@ def shard_dir(episodes, tmp_path_factory):
 def ray_local():
     # Workers must import `pipeline` even before the project is pip-installed.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
 

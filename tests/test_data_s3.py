@@ -20,7 +20,7 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def ray_s3(s3_server):
     # After s3_server: Ray's workers inherit the endpoint and credentials from the environment.
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield s3_server
     ray.shutdown()
 

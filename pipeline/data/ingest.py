@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -119,6 +120,8 @@ def cache_rows(ds: ray.data.Dataset, num_blocks: int | None, folder: str) -> ray
 def _object_store_bytes() -> float:
     import ray
 
+    from pipeline.ray_runtime import init_address
+
     if not ray.is_initialized():  # Ray Data would start a local Ray at the read anyway; its size is needed first
-        ray.init()
+        ray.init(address=init_address(os.environ.get("RAY_ADDRESS")))
     return float(ray.cluster_resources().get("object_store_memory", 0.0))

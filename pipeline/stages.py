@@ -70,11 +70,14 @@ class Stage:
     job: str                      # its module under jobs/
     after: tuple[str, ...]        # the stages whose outputs it reads
     sections: tuple[str, ...]     # the config sections (dotted for one field) its own work reads
-    output: str | None            # the file whose presence shows the stage's output is complete
+    output: tuple[str, str] | None  # (RunPaths folder, file) whose presence shows the output is complete
     resumable: bool = False       # one Ray Train run that --resume can continue from a checkpoint
 
     def done_file(self, paths: RunPaths) -> str | None:
-        return None if self.output is None else self.output.format(**_places(paths))
+        if self.output is None:
+            return None
+        folder, name = self.output
+        return storage.join(str(getattr(paths, folder)), name)
 
     def require(self, paths: RunPaths) -> Path:
         """The local file that shows this stage's output, for a later stage that cannot run without it."""
@@ -84,24 +87,19 @@ class Stage:
         return Path(done)
 
 
-def _places(paths: RunPaths) -> dict[str, str]:
-    return {"shards": paths.shards, "labelled": paths.labelled, "teacher": str(paths.teacher),
-            "student": str(paths.student), "evaluate": str(paths.evaluate), "sweep": str(paths.sweep)}
-
-
 # In run order. `sections` lists only what the stage itself reads; what its output depends on also includes
 # the sections of every stage before it (inputs()).
 STAGES: tuple[Stage, ...] = (
-    Stage("collect", "collect", (), ("collect",), "{shards}/manifest.json"),
+    Stage("collect", "collect", (), ("collect",), ("shards", "manifest.json")),
     Stage("train-teacher", "train_teacher", ("collect",), ("data", "model", "teacher", "run.seed"),
-          "{teacher}/model.safetensors", resumable=True),
-    Stage("probe-teacher", "probe_teacher", ("train-teacher",), ("probe",), "{labelled}/labels.json"),
-    Stage("distill", "distill", ("probe-teacher",), ("router", "distill"), "{student}/model.safetensors",
+          ("teacher", "model.safetensors"), resumable=True),
+    Stage("probe-teacher", "probe_teacher", ("train-teacher",), ("probe",), ("labelled", "labels.json")),
+    Stage("distill", "distill", ("probe-teacher",), ("router", "distill"), ("student", "model.safetensors"),
           resumable=True),
-    Stage("evaluate", "evaluate", ("distill",), ("evaluate",), "{evaluate}/report.json"),
+    Stage("evaluate", "evaluate", ("distill",), ("evaluate",), ("evaluate", "report.json")),
     # The sweep distills and evaluates its own students from the teacher's labels; it reads the evaluate
     # report only for the teacher's point on the frontier.
-    Stage("sweep", "sweep", ("probe-teacher", "evaluate"), ("sweep",), "{sweep}/trials.json"),
+    Stage("sweep", "sweep", ("probe-teacher", "evaluate"), ("sweep",), ("sweep", "trials.json")),
     Stage("promote", "promote", ("evaluate", "sweep"), ("promote",), None),
 )
 BY_NAME = {stage.name: stage for stage in STAGES}

@@ -1,9 +1,14 @@
 """Bad input never reaches training silently: truncated shards, missing columns, wrong sizes, NaN, bad hashes, dead S3."""
 
+import http.client
 import logging
+import os
+import re
 import shutil
 import socket
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pyarrow as pa
@@ -176,6 +181,92 @@ def test_unknown_policy_and_config_key():
     with pytest.raises(ConfigError, match=r"data\.on_bad_rows='drop'.*error.*skip"):
         load_config(None, ["data.on_bad_rows=drop"])
     assert load_config(None, ["data.on_bad_rows=skip"]).data.on_bad_rows == "skip"
+
+
+class FailingS3Proxy:
+    """An HTTP proxy on 127.0.0.1 in front of the moto S3 server that answers the first `fail_first` requests
+    with 503 (an endpoint restarting or throttling) and forwards the rest; `requests` counts every attempt."""
+
+    def __init__(self, upstream: str, fail_first: int):
+        self.requests, self.fail_first = 0, fail_first
+        host, port = upstream.removeprefix("http://").split(":")
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def forward(self):
+                proxy.requests += 1
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.requests <= proxy.fail_first:
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                conn = http.client.HTTPConnection(host, int(port), timeout=10)
+                conn.request(self.command, self.path, body, dict(self.headers))
+                answer = conn.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for key, value in answer.getheaders():   # HEAD keeps the object's Content-Length
+                    if key.lower() not in ("transfer-encoding", "connection"):
+                        self.send_header(key, value)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def flaky_s3(s3_server, good, monkeypatch):
+    """The good shards on moto, reached through a FailingS3Proxy (set `fail_first` on it before reading)."""
+    folder, _ = good
+    uri = f"{s3_server}/flaky"
+    for path in sorted(folder.iterdir()):
+        storage.write_bytes(f"{uri}/{path.name}", path.read_bytes())
+    proxy = FailingS3Proxy(os.environ["AWS_ENDPOINT_URL"], fail_first=0)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    monkeypatch.setattr(storage, "S3_OPTIONS", storage.S3Options(max_attempts=3, connect_timeout=0.5,
+                                                                 request_timeout=2.0))
+    yield proxy, uri
+    proxy.close()
+
+
+@pytest.mark.slow
+def test_s3_failures_are_retried_until_the_read_succeeds(flaky_s3, good):
+    proxy, uri = flaky_s3
+    proxy.fail_first = 2   # two 503s, then the third of max_attempts=3 gets through
+    assert read_manifest(uri) == good[1]
+    # read_manifest checks the file exists (HEAD), then opens it (HEAD) and reads it (GET): the first HEAD
+    # fails twice and gets through on its 3rd attempt, then 2 more requests.
+    assert proxy.requests == 2 + 1 + 2
+
+
+@pytest.mark.slow
+def test_s3_failing_past_max_attempts_names_the_bucket_and_endpoint(flaky_s3):
+    proxy, uri = flaky_s3
+    proxy.fail_first = 1000
+    started = time.perf_counter()
+    with pytest.raises(storage.StorageUnreachable,
+                       match=rf"{re.escape(proxy.endpoint)} for s3://actdistill/flaky/manifest\.json "
+                             r"after 3 attempts"):
+        read_manifest(uri)
+    assert proxy.requests == 3   # exactly max_attempts, then the error
+    assert time.perf_counter() - started < 20
 
 
 def test_unreachable_s3_is_retried_then_named(monkeypatch):

@@ -83,9 +83,11 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def _is_network_error(exc: OSError) -> bool:
-    # pyarrow reports every AWS SDK failure as a plain OSError; these markers mean "no answer".
+    # pyarrow reports every AWS SDK failure as a plain OSError; these markers mean "no usable answer": no
+    # connection, a timeout, or a 5xx (a restarting or throttling server) still there after every retry.
     text = str(exc)
-    return any(m in text for m in ("NETWORK_CONNECTION", "curlCode", "Could not connect", "timed out"))
+    return any(m in text for m in ("NETWORK_CONNECTION", "curlCode", "Could not connect", "timed out",
+                                   "HTTP status 5"))
 
 
 @contextmanager

@@ -140,14 +140,37 @@ def test_probe_is_finite_at_7b_width_with_large_hidden_values_and_masks_padding(
     torch.testing.assert_close(s2[1], s[1], atol=1e-4, rtol=1e-4)
 
 
-def test_flops_are_linear_in_executed_layers_and_match_a_hand_count():
-    cfg = tiny()
-    n, d, f, kv = cfg.seq_len, 32, 64, 16
-    hand = 2 * n * d * (d + 2 * kv + d) + 4 * n * n * d + 6 * n * d * f
-    assert decoder_layer_flops(cfg) == hand
-    full, half = policy_flops(cfg, 3.0), policy_flops(cfg, 1.5)
-    assert full["backbone"] == 3 * hand and half["backbone"] == 1.5 * hand
-    assert full["total"] - half["total"] == pytest.approx(1.5 * hand)
+def counted_flops(model, **kwargs):
+    """What torch's FlopCounterMode counts for one batch-1 call. Attention runs on sdpa's math kernel: CPU's
+    fused kernel (_scaled_dot_product_flash_attention_for_cpu) has no flop formula and would count 0, while
+    the math kernel is two batched matmuls (QK^T and AV) over the full N x N, the causal mask skipping none:
+    4 N^2 d per layer, as decoder_layer_flops counts it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        out = model(*inputs(batch=1), **kwargs)
+    return counter, out
+
+
+def test_flops_are_linear_in_executed_layers_and_match_torchs_flop_counter():
+    teacher = VLA(tiny(layers=3)).eval()
+    counter, _ = counted_flops(teacher)
+    # One decoder layer: torch counts its projections and MLP (mm) and its attention (bmm).
+    assert sum(counter.get_flop_counts()["VLA.backbone.layers.0"].values()) == decoder_layer_flops(teacher.cfg)
+    assert counter.get_total_flops() == policy_flops(teacher.cfg, 3.0)["total"]
+    static = derive_student(teacher, router_hidden=16, static_layers=(0, 2)).eval()
+    counter, _ = counted_flops(static, mode="hard")
+    assert counter.get_total_flops() == policy_flops(static.cfg, 2.0)["total"]
+    routed = derive_student(teacher, router_hidden=16).eval()
+    torch.nn.init.normal_(routed.router.out.weight, std=3.0)
+    counter, out = counted_flops(routed, mode="hard")
+    executed = float(out.executed.sum())
+    assert 0 < executed < 3, "the test needs a call that skips some layers"
+    assert counter.get_total_flops() == policy_flops(routed.cfg, executed, 16)["total"]
+    # Norms, activations and softmax are the part neither side counts; the rest is linear in the layers run.
+    assert policy_flops(teacher.cfg, 3.0)["total"] - policy_flops(teacher.cfg, 1.5)["total"] == \
+        pytest.approx(1.5 * decoder_layer_flops(teacher.cfg))
 
 
 def test_mlp_stem_is_two_strided_convs_with_a_gelu_and_its_flops_are_counted_exactly():

@@ -10,8 +10,8 @@ from deepspeed.runtime.config import DeepSpeedConfig
 from pipeline import plan
 from pipeline.config import load_config
 from pipeline.models.graph import ProbeSet
-from pipeline.models.student import DistillModule
-from pipeline.models.variants import hf_checkpoint_params, size_on_meta
+from pipeline.models.student import DistillModule, derive_student
+from pipeline.models.variants import hf_checkpoint_params
 from pipeline.models.vla import VLA, VLAConfig
 
 CLUSTER_YAML = "infra/configs/cluster.yaml"
@@ -30,19 +30,30 @@ def plan_8x80(cfg):
     return result
 
 
-def test_the_7b_plan_counts_what_the_meta_device_counts(cfg, plan_8x80):
-    vla = plan_8x80.vla
-    sized = size_on_meta(vla.model_copy(update={"router_hidden": cfg.router.hidden}))
-    p = plan_8x80.params
-    assert p.teacher + p.router == sized["params_total"]
-    assert p.decoder == pytest.approx(hf_checkpoint_params("llama2-7b") - 32000 * 4096, rel=1e-9)  # no LM head
+def count(module):
+    return sum(t.numel() for t in module.parameters())
+
+
+def test_the_7b_plan_counts_the_parameters_of_the_modules_the_jobs_build(cfg, plan_8x80):
+    # Built on the meta device the way the jobs build them: train-teacher's VLA, distill's derive_student
+    # of it, probe-teacher's new_probes, and what distill's optimizer updates (DistillModule).
+    from pipeline.teacher.probing import new_probes
+
     with torch.device("meta"):
-        probes = ProbeSet(vla.num_layers, vla.hidden_size, cfg.model.graph_width, cfg.model.semantic_dim,
-                          cfg.model.top_k, cfg.model.graph_heads, vla.action_dim)
-        trained = DistillModule(VLA(vla.model_copy(update={"router_hidden": cfg.router.hidden})), probes)
-    assert p.trained == sum(t.numel() for t in trained.parameters()) == p.teacher + p.router + p.probes
+        teacher = VLA(plan_8x80.vla)
+        student = derive_student(teacher, cfg.router.hidden)
+        probes = new_probes(teacher, cfg.model)
+        trained = DistillModule(student, probes)
+    p = plan_8x80.params
+    assert (p.teacher, p.decoder, p.router, p.probes, p.trained) == (
+        count(teacher), count(teacher.backbone), count(student.router), count(probes), count(trained))
+    # Meta's published Llama-2-7B size; ours drops the LM head (32000 x 4096) and keeps the embedding.
+    assert hf_checkpoint_params("llama2-7b") == 6_738_415_616
+    assert p.decoder == 6_738_415_616 - 32000 * 4096
     assert 6.6e9 < p.trained < 6.7e9 and p.probes < 0.01 * p.trained   # graph width 128 keeps probes small
-    assert p.largest_layer == 32000 * 4096                               # the instruction embedding
+    # DeepSpeed's largest layer: the most parameters one module holds itself (the instruction embedding).
+    own = max(sum(t.numel() for t in m.parameters(recurse=False)) for m in trained.modules())
+    assert p.largest_layer == own == 32000 * 4096
     assert plan_8x80.flops["train_step"] == pytest.approx(
         3 * (plan_8x80.flops["student_forward"] + plan_8x80.flops["probes_forward"]))
     assert plan_8x80.choice.option.stage == 2 and plan_8x80.deepspeed["zero_optimization"]["stage"] == 2

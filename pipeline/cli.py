@@ -10,7 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.config import ConfigError, PipelineConfig, load_config
-from pipeline.stages import STAGES
+from pipeline.data import storage
+from pipeline.errors import MissingInput, find_user_error
+from pipeline.stages import BY_NAME, STAGES, RunPaths, upstream
 
 # verb -> module under jobs/ (each has `main(cfg: PipelineConfig)`): every stage, and `run` for all of them
 VERBS: dict[str, str] = {**{stage.name: stage.job for stage in STAGES}, "run": "run"}
@@ -31,6 +33,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_NAME",
                    help="train-teacher/distill only: continue the interrupted Ray Train run RUN_NAME from its "
                         "last checkpoint (same as run.resume=RUN_NAME); pass the run's config and overrides")
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of a known error (a bad config, shard or input) too")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as router.budget=0.4")
     return p
 
@@ -52,6 +56,18 @@ def _resolve(args: argparse.Namespace, verb: str) -> PipelineConfig:
     return cfg
 
 
+def check_inputs(cfg: PipelineConfig, verb: str) -> None:
+    """Before any Ray or MLflow work: the outputs of the stages `verb` reads exist (first missing one named)."""
+    if verb not in BY_NAME:
+        return
+    paths = RunPaths.of(cfg)
+    for name in upstream(verb):
+        done = BY_NAME[name].done_file(paths)
+        if done is not None and not storage.exists(done):
+            raise MissingInput(f"{verb} needs the output of {name}, but {done} does not exist; run "
+                               f"`actdistill {name} --config FILE` with this config first (or `actdistill run`)")
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -63,10 +79,15 @@ def run_cli(job_main: Callable[[PipelineConfig], Any], verb: str, argv: list[str
     args = _parser(f"python -m jobs.{VERBS.get(verb, verb)}").parse_args(argv)
     try:
         cfg = _resolve(args, verb)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    job_main(cfg)
+        check_inputs(cfg, verb)
+        job_main(cfg)
+    except Exception as exc:
+        known = find_user_error(exc)
+        if known is None or args.debug:
+            raise   # a bug, or --debug: the traceback says where
+        # One message (it names the file or key and the fix); Ray's wrappers around it add nothing.
+        print(f"error: {known} [--debug shows the traceback]", file=sys.stderr)
+        return 2 if isinstance(known, ConfigError) else 1
     return 0
 
 

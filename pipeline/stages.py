@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pipeline.config import PipelineConfig
 from pipeline.data import storage
+from pipeline.errors import MissingInput
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class Stage:
         """The local file that shows this stage's output, for a later stage that cannot run without it."""
         done = self.done_file(paths)
         if done is None or not Path(done).is_file():
-            raise FileNotFoundError(f"{done} not found; run `actdistill {self.name}` with this config first")
+            raise MissingInput(f"{done} not found; run `actdistill {self.name}` with this config first")
         return Path(done)
 
 

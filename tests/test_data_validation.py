@@ -6,6 +6,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -284,6 +286,20 @@ def test_unreachable_s3_is_retried_then_named(monkeypatch):
                              r"after 3 attempts"):
         read_manifest("s3://actdistill/shards")
     assert time.perf_counter() - started < 20
+
+
+@pytest.mark.slow
+def test_cli_names_a_corrupt_shard_in_one_line_without_a_traceback(copy, tmp_path):
+    folder, _ = copy
+    path = folder / "shard-00001.parquet"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "train-teacher", "--config", "jobs/configs/smoke.yaml",
+                           f"run.run_dir={tmp_path / 'run'}", f"data.shards_uri={folder}"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stdout + done.stderr
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert re.match(rf"error: {re.escape(str(path))} is not a readable Parquet file.*truncated", line)
 
 
 def stage_config(folder, tmp_path, policy="error"):

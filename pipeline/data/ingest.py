@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.data import storage
+from pipeline.errors import BadInput, MissingInput
 
 if TYPE_CHECKING:
     import ray.data
@@ -54,10 +55,10 @@ def _footer(uri: str, fix: str) -> pq.FileMetaData:
         with storage.reaching(uri):
             return pq.read_metadata(path, filesystem=fs)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{uri} is listed but missing; {fix}") from None
+        raise MissingInput(f"{uri} is listed but missing; {fix}") from None
     except pa.ArrowInvalid as exc:
-        raise ValueError(f"{uri} is not a readable Parquet file ({exc}); it was probably truncated by an "
-                         f"interrupted copy. Restore it, or {fix}") from None
+        raise BadInput(f"{uri} is not a readable Parquet file ({exc}); it was probably truncated by an "
+                       f"interrupted copy. Restore it, or {fix}") from None
 
 
 def in_memory_bytes(footers: list[pq.FileMetaData]) -> int:

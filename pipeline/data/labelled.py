@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from pipeline.data import storage
 from pipeline.data.ingest import cache_rows, cached_blocks, in_memory_bytes, read_footers, read_parquet
 from pipeline.data.shards import filter_rows
+from pipeline.errors import BadInput, MissingInput, StaleInput
 
 LABELS_FILE = "labels.json"
 LABEL_COLUMNS = ("episode_id", "step", "teacher_hash", "teacher_sem", "teacher_act", "teacher_action")
@@ -43,14 +44,14 @@ def write_labels(uri: str, labels: Labels) -> None:
 def read_labels(uri: str) -> Labels:
     path = storage.join(uri, LABELS_FILE)
     if not storage.exists(path):
-        raise FileNotFoundError(f"{path} not found: {uri} holds no labelled shards; run "
-                                f"`actdistill probe-teacher` first")
+        raise MissingInput(f"{path} not found: {uri} holds no labelled shards; run "
+                           f"`actdistill probe-teacher` first")
     return Labels(**json.loads(storage.read_bytes(path)))
 
 
 def check_teacher(labels: Labels, teacher_hash: str, uri: str) -> None:
     if labels.teacher_hash != teacher_hash:
-        raise ValueError(f"{storage.join(uri, LABELS_FILE)} was made by teacher {labels.teacher_hash}, but the "
+        raise StaleInput(f"{storage.join(uri, LABELS_FILE)} was made by teacher {labels.teacher_hash}, but the "
                          f"teacher checkpoint is {teacher_hash}; re-run `actdistill probe-teacher` so the "
                          f"targets match the teacher")
 
@@ -60,12 +61,12 @@ def open_labelled(uri: str, episodes: set[str] | None = None, cache: bool | None
     store when they fit, like open_shards (see pipeline.data.ingest)."""
     files = storage.list_files(uri, suffix=".parquet")
     if not files:
-        raise FileNotFoundError(f"{uri} holds no labelled shards (*.parquet); run `actdistill probe-teacher` first")
+        raise MissingInput(f"{uri} holds no labelled shards (*.parquet); run `actdistill probe-teacher` first")
     footers = read_footers(files, f"re-run `actdistill probe-teacher` to re-create {uri}")
     for file, footer in zip(files, footers):
         missing = [c for c in LABEL_COLUMNS if c not in footer.schema.to_arrow_schema().names]
         if missing:
-            raise ValueError(f"{file}: labelled shards lack column(s) {missing}; re-run `actdistill probe-teacher`")
+            raise BadInput(f"{file}: labelled shards lack column(s) {missing}; re-run `actdistill probe-teacher`")
     blocks = cached_blocks(in_memory_bytes(footers), uri, cache)
     ds = read_parquet(files, uri, blocks)
     if episodes is not None:

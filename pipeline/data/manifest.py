@@ -10,6 +10,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.data import storage
+from pipeline.errors import BadInput, MissingInput
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -85,13 +86,13 @@ def read_manifest(uri_folder: str) -> Manifest:
     """The folder's manifest; a missing or invalid file is an error naming it and the fix."""
     uri = manifest_uri(uri_folder)
     if not storage.exists(uri):
-        raise FileNotFoundError(f"{uri} does not exist; run `actdistill collect` to write shards there, "
-                                f"or point data.shards_uri at a folder that has a manifest")
+        raise MissingInput(f"{uri} does not exist; run `actdistill collect` to write shards there, "
+                           f"or point data.shards_uri at a folder that has a manifest")
     try:
         return Manifest.model_validate(json.loads(storage.read_bytes(uri)))
     except (json.JSONDecodeError, ValidationError) as exc:
-        raise ValueError(f"{uri} is not a valid schema-v{SCHEMA_VERSION} manifest ({exc}); "
-                         f"re-run `actdistill collect` to rewrite the folder") from None
+        raise BadInput(f"{uri} is not a valid schema-v{SCHEMA_VERSION} manifest ({exc}); "
+                       f"re-run `actdistill collect` to rewrite the folder") from None
 
 
 def hash_shards(contents: dict[str, bytes]) -> str:
@@ -106,6 +107,6 @@ def verify_hash(uri_folder: str, manifest: Manifest) -> None:
     """Re-read every shard and check the content hash; a mismatch means the folder changed."""
     found = hash_shards({name: storage.read_bytes(storage.join(uri_folder, name)) for name in manifest.shards})
     if found != manifest.content_hash:
-        raise ValueError(f"{manifest_uri(uri_folder)}: content_hash is {manifest.content_hash} but the shards "
-                         f"hash to {found}; the shards were modified or replaced after collection. "
-                         f"Re-run `actdistill collect` for this folder, or restore the original shards")
+        raise BadInput(f"{manifest_uri(uri_folder)}: content_hash is {manifest.content_hash} but the shards "
+                       f"hash to {found}; the shards were modified or replaced after collection. "
+                       f"Re-run `actdistill collect` for this folder, or restore the original shards")

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from pipeline.data import storage
 from pipeline.data.ingest import cache_rows, cached_blocks, in_memory_bytes, read_footers, read_parquet
 from pipeline.data.manifest import EpisodeEntry, Manifest, Stats, read_manifest, write_manifest
+from pipeline.errors import BadInput
 from pipeline.sim.metaworld_env import Episode
 
 if TYPE_CHECKING:
@@ -184,8 +185,8 @@ def check_columns(uri: str, manifest: Manifest) -> list[pq.FileMetaData]:
     for name, footer in zip(manifest.shards, footers):
         missing = [c for c in REQUIRED_COLUMNS if c not in footer.schema.to_arrow_schema().names]
         if missing:
-            raise ValueError(f"{storage.join(uri, name)} lacks column(s) {missing}; shards need "
-                             f"{list(REQUIRED_COLUMNS)}. Re-run `actdistill collect` for {uri}")
+            raise BadInput(f"{storage.join(uri, name)} lacks column(s) {missing}; shards need "
+                           f"{list(REQUIRED_COLUMNS)}. Re-run `actdistill collect` for {uri}")
     return footers
 
 

@@ -12,6 +12,8 @@ from typing import TypeVar
 
 import pyarrow.fs as pafs
 
+from pipeline.errors import UserError
+
 _S3 = "s3://"
 _FILE = "file://"
 T = TypeVar("T")
@@ -31,7 +33,7 @@ class S3Options:
 S3_OPTIONS = S3Options()
 
 
-class StorageUnreachable(ConnectionError):
+class StorageUnreachable(UserError, ConnectionError):
     """The S3 endpoint did not answer after every retry."""
 
 

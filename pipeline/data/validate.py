@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from pipeline.data import storage
 from pipeline.data.manifest import Manifest, manifest_uri
 from pipeline.data.shards import REQUIRED_COLUMNS
+from pipeline.errors import BadInput
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ _FIX = ("fix or re-create the source data (`actdistill collect`, `actdistill imp
         "data.on_bad_rows=skip to leave such rows out of training (they are counted and logged)")
 
 
-class ShardError(ValueError):
+class ShardError(BadInput):
     """A shard folder that cannot be trained on; the message names the file (and row) and the fix."""
 
 

@@ -22,6 +22,7 @@ from pipeline.data.manifest import Manifest, read_manifest
 from pipeline.data.shards import open_shards, split_episodes
 from pipeline.data.validate import validate_shards
 from pipeline.distill.objective import StudentObjective, teacher_targets
+from pipeline.errors import StaleInput
 from pipeline.models.checkpoint import (PROBES_CONFIG, PolicyCard, load_policy, load_probes, read_policy_config,
                                        read_probes_config)
 from pipeline.models.student import DistillModule, derive_student
@@ -132,7 +133,7 @@ def check_probes(probes_uri: str, teacher_hash: str) -> None:
     """The stage-1 probes are the student's heads and, online, the teacher's labellers: same teacher only."""
     made_by = read_probes_config(probes_uri).get("teacher_hash")
     if made_by != teacher_hash:
-        raise ValueError(f"{storage.join(probes_uri, PROBES_CONFIG)}: the probes were trained on teacher "
+        raise StaleInput(f"{storage.join(probes_uri, PROBES_CONFIG)}: the probes were trained on teacher "
                          f"{made_by}, but the teacher checkpoint "
                          f"is {teacher_hash}; re-run `actdistill probe-teacher` for this teacher")
 

@@ -76,10 +76,11 @@ class DataSection(_Section):
 
 class ModelSection(_Section):
     pretrained_backbone: str | None = Field(
-        None, description="a Hugging Face decoder folder (local or s3://, config.json + safetensors) whose "
-                          "weights and sizes the teacher starts from; null to train from scratch")
-    backbone: Literal["llama", "qwen2", "mistral"] = Field(
-        "llama", description="decoder family: llama, qwen2 or mistral")
+        None, description="a Hugging Face decoder folder (local or s3://: config.json, safetensors and the "
+                          "tokenizer files) whose architecture, weights and tokenizer the teacher starts from; "
+                          "its config.json decides the family and widths below; null to train from scratch")
+    backbone: Literal["llama", "qwen2", "mistral", "gemma"] = Field(
+        "llama", description="decoder family of a from-scratch teacher: llama, qwen2, mistral or gemma")
     hidden_size: int = Field(64, ge=8, description="decoder width, divisible by num_heads")
     num_layers: int = Field(4, ge=1, description="decoder layers, e.g. 4")
     num_heads: int = Field(4, ge=1, description="attention heads, e.g. 4")
@@ -88,8 +89,10 @@ class ModelSection(_Section):
     patch_size: int = Field(16, ge=2, description="vision patch size in pixels, dividing collect.image_size")
     vision_stem: Literal["patch", "mlp"] = Field(
         "patch", description="patch (one strided conv) or mlp (4x4 patches -> 64 channels -> GELU -> patch_size)")
-    vocab_size: int = Field(512, ge=16, description="hashed instruction-word buckets, e.g. 512")
-    max_instruction_tokens: int = Field(12, ge=1, description="instruction tokens kept, e.g. 12")
+    vocab_size: int = Field(512, ge=16, description="hashed instruction-word buckets of a from-scratch teacher, "
+                                                     "e.g. 512")
+    max_instruction_tokens: int = Field(12, ge=1, description="instruction tokens kept (padded or truncated to), "
+                                                              "e.g. 12")
     graph_width: int = Field(32, ge=4, description="graph extractor width (projection of the hidden size)")
     semantic_dim: int = Field(32, ge=4, description="per-layer semantic vector size (512 in the paper)")
     top_k: int = Field(8, ge=1, description="graph neighbours kept per token (8 in the paper)")

@@ -5,12 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from pipeline.data import storage
 from pipeline.evaluate.flops import decoder_layer_flops
 from pipeline.models.checkpoint import PolicyCard, load_policy, save_policy
-from pipeline.models.hf_import import backbone_dims, load_hf_backbone, read_hf_config
+from pipeline.models.hf_import import load_hf_backbone, pretrained_dims, read_hf_config
 from pipeline.models.student import derive_student
 from pipeline.models.variants import hf_checkpoint_params, size_on_meta, variant
 from pipeline.models.vla import VLA, VLAConfig
@@ -32,11 +33,21 @@ def hf_folder(tmp_path_factory):
     model = LlamaForCausalLM(config).eval()
     folder = tmp_path_factory.mktemp("hf")
     model.save_pretrained(folder, safe_serialization=True)
+    _tokenizer().save_pretrained(folder)
     return folder, model
 
 
-def _vla_for(hf_config):
-    return VLA(VLAConfig(**backbone_dims(hf_config), max_instruction_tokens=6, image_size=32, patch_size=8,
+def _tokenizer():
+    """A word-level tokenizer trained here on a few instructions (nothing comes from a hub)."""
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["push the puck", "reach the goal"], trainers.WordLevelTrainer(special_tokens=["[PAD]",
+                                                                                                         "[UNK]"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def _vla_for(uri):
+    return VLA(VLAConfig(**pretrained_dims(uri), max_instruction_tokens=6, image_size=32, patch_size=8,
                          proprio_dim=4, action_dim=4)).eval()
 
 
@@ -49,7 +60,7 @@ def _same_decoder(vla, model):
 
 def test_hf_decoder_loads_from_a_local_folder(hf_folder):
     folder, model = hf_folder
-    vla = _vla_for(read_hf_config(str(folder)))
+    vla = _vla_for(str(folder))
     counts = load_hf_backbone(vla, str(folder))
     assert counts["skipped"] == 1                      # the LM head: the VLA has an action head instead
     _same_decoder(vla, model)
@@ -59,7 +70,7 @@ def test_hf_decoder_loads_from_a_local_folder(hf_folder):
 def test_hf_decoder_and_our_checkpoints_load_from_s3(hf_folder, s3_server, tmp_path):
     folder, model = hf_folder
     _upload(folder, f"{s3_server}/llama-tiny")
-    vla = _vla_for(read_hf_config(f"{s3_server}/llama-tiny"))
+    vla = _vla_for(f"{s3_server}/llama-tiny")
     load_hf_backbone(vla, f"{s3_server}/llama-tiny")
     _same_decoder(vla, model)
     # A teacher and its routed student, written to and read back from s3://.

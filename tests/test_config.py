@@ -39,7 +39,7 @@ def test_three_bad_values_are_reported_together_with_key_value_and_fix(tmp_path)
     assert "3 problem(s)" in message
     assert "router.budget=1.4" in message and "fraction of layers to run" in message
     assert "collect.taskz: unknown key" in message and "episodes_per_task" in message
-    assert "model.backbone='gpt2'" in message and "'llama', 'qwen2' or 'mistral'" in message
+    assert "model.backbone='gpt2'" in message and "'llama', 'qwen2', 'mistral' or 'gemma'" in message
 
 
 def test_cross_key_problems_are_listed():

@@ -123,6 +123,18 @@ def test_a_job_runs_alone_as_a_module_on_the_run_folder(smoke_run):
     assert "| student |" in stdout
 
 
+def _tiny_tokenizer():
+    """A word-level tokenizer trained here on the smoke tasks' words (nothing comes from a hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["reach to the goal position", "push the puck to the goal"],
+                            trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+
+
 def test_train_teacher_starts_from_a_pretrained_hf_decoder(smoke_run, tmp_path):
     import torch
     from safetensors.torch import load_file
@@ -133,6 +145,7 @@ def test_train_teacher_starts_from_a_pretrained_hf_decoder(smoke_run, tmp_path):
     hf = tmp_path / "llama-tiny"
     LlamaForCausalLM(LlamaConfig(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
                                  intermediate_size=96, vocab_size=128)).save_pretrained(hf, safe_serialization=True)
+    _tiny_tokenizer().save_pretrained(hf)   # a pretrained backbone reads instructions with its own tokenizer
     proc = subprocess.run([sys.executable, "-m", "jobs.train_teacher", "--config", str(SMOKE),
                            f"run.run_dir={tmp_path / 'run'}", f"data.shards_uri={run_dir / 'shards'}",
                            f"model.pretrained_backbone={hf}", "teacher.steps=2", "teacher.warmup_steps=0"],

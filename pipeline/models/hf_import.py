@@ -1,4 +1,4 @@
-"""Load a Hugging Face decoder checkpoint (config.json + safetensors, local or s3://) into a VLA backbone.
+"""Load a Hugging Face decoder checkpoint (config.json + safetensors + tokenizer, local or s3://) into a VLA backbone.
 
 This is how a real teacher (e.g. a 7B Llama) enters the pipeline: nothing is fetched from a hub; the
 folder is read from disk or object storage. The LM head is not used (the VLA has an action head).
@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load
 
 from pipeline.data import storage
-from pipeline.models.backbones import BACKBONES
+from pipeline.models.backbones import BACKBONES, backbone_dims
+from pipeline.models.tokenizer import read_tokenizer_files
 from pipeline.models.vla import VLA
 
 INDEX = "model.safetensors.index.json"
@@ -34,12 +35,10 @@ def read_hf_config(uri: str) -> dict[str, Any]:
     return config
 
 
-def backbone_dims(config: dict[str, Any]) -> dict[str, Any]:
-    """The model-section values a VLA needs to host this backbone."""
-    return {"backbone": config["model_type"], "hidden_size": config["hidden_size"],
-            "num_layers": config["num_hidden_layers"], "num_heads": config["num_attention_heads"],
-            "num_kv_heads": config.get("num_key_value_heads") or config["num_attention_heads"],
-            "intermediate_size": config["intermediate_size"], "vocab_size": config["vocab_size"]}
+def pretrained_dims(uri: str) -> dict[str, Any]:
+    """The VLA config fields a pretrained backbone fixes: its sizes, its full config.json and its tokenizer."""
+    config = read_hf_config(uri)
+    return {**backbone_dims(config), "hf_config": config, "tokenizer": read_tokenizer_files(uri, config)}
 
 
 def _shard_names(uri: str) -> list[str]:
@@ -52,35 +51,57 @@ def _shard_names(uri: str) -> list[str]:
                             f"save_pretrained(..., safe_serialization=True)")
 
 
-def _our_key(hf_key: str) -> str | None:
-    """HF decoder key -> VLA key (decoder layers sit inside the gating wrappers); None for the LM head."""
-    if hf_key.startswith("lm_head."):
-        return None
+def _unused(hf_key: str) -> bool:
+    """Tensors a decoder checkpoint may hold that the VLA has no use for: the LM head (the VLA has an action
+    head; with tied embeddings it is the embedding table again) and the rotary inverse frequencies that
+    older checkpoints saved (a buffer the decoder recomputes from its config)."""
+    return hf_key.startswith("lm_head.") or hf_key.endswith("rotary_emb.inv_freq")
+
+
+def _our_key(hf_key: str) -> str:
+    """HF decoder key -> VLA key (decoder layers sit inside the gating wrappers)."""
     match = _LAYER.match(hf_key)
     if match:
         return f"backbone.layers.{match.group(1)}.layer.{match.group(2)}"
     return "backbone." + hf_key.removeprefix("model.")
 
 
+def _hf_name(our_key: str) -> str:
+    """VLA key -> the name save_pretrained gives that tensor, for messages."""
+    return "model." + our_key.removeprefix("backbone.").replace(".layer.", ".", 1)
+
+
+def _read_tensors(uri: str) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for name in _shard_names(uri):
+        tensors.update(load(storage.read_bytes(storage.join(uri, name))))
+    return tensors
+
+
 def load_hf_backbone(vla: VLA, uri: str) -> dict[str, int]:
-    """Copy every backbone weight from the checkpoint; a missing or mis-shaped tensor is an error."""
+    """Copy every backbone weight from the checkpoint. A tensor that maps to nothing in the decoder, a missing
+    one or a mis-shaped one is an error naming it: a silent mismatch would train a half-random teacher."""
     own = vla.state_dict()
     wanted = {k for k in own if k.startswith("backbone.")}
-    loaded: dict[str, torch.Tensor] = {}
-    skipped = 0
-    for name in _shard_names(uri):
-        for hf_key, tensor in load(storage.read_bytes(storage.join(uri, name))).items():
-            key = _our_key(hf_key)
-            if key is None or key not in wanted:
-                skipped += 1
-                continue
-            if tensor.shape != own[key].shape:
-                raise ValueError(f"{uri}: {hf_key} has shape {tuple(tensor.shape)} but the VLA expects "
-                                 f"{tuple(own[key].shape)}; set the model section from this config.json")
-            loaded[key] = tensor
+    tensors = _read_tensors(uri)
+    unused = sorted(k for k in tensors if _unused(k))
+    loaded = {_our_key(k): (k, t) for k, t in tensors.items() if not _unused(k)}
+    unmapped = sorted(hf_key for key, (hf_key, _) in loaded.items() if key not in wanted)
+    if unmapped:
+        raise ValueError(f"{uri} holds {len(unmapped)} tensor(s) that map to nothing in the {vla.cfg.backbone} "
+                         f"decoder: {', '.join(unmapped[:5])}; is config.json's model_type the architecture "
+                         f"these weights were saved from?")
+    embed = "backbone.embed_tokens.weight"
+    if embed not in loaded and "lm_head.weight" in tensors and (vla.cfg.hf_config or {}).get("tie_word_embeddings"):
+        loaded[embed] = ("lm_head.weight", tensors["lm_head.weight"])   # tied: saved once, under the head's name
     missing = sorted(wanted - set(loaded))
     if missing:
-        raise ValueError(f"{uri} lacks {len(missing)} backbone tensor(s), e.g. {missing[:3]}; is it the "
-                         f"same architecture as model.backbone?")
-    vla.load_state_dict(loaded, strict=False)
-    return {"loaded": len(loaded), "skipped": skipped}
+        names = ", ".join(_hf_name(k) for k in missing[:5])
+        raise ValueError(f"{uri} lacks {len(missing)} decoder tensor(s): {names}; is it the same architecture "
+                         f"and size as its config.json says?")
+    for key, (hf_key, tensor) in loaded.items():
+        if tensor.shape != own[key].shape:
+            raise ValueError(f"{uri}: {hf_key} has shape {tuple(tensor.shape)} but the VLA expects "
+                             f"{tuple(own[key].shape)}; build the VLA from this folder's config.json")
+    vla.load_state_dict({key: tensor for key, (_, tensor) in loaded.items()}, strict=False)
+    return {"loaded": len(loaded), "skipped": len(unused)}

@@ -7,14 +7,16 @@ student carries a router that decides which decoder layers run for each input.
 from __future__ import annotations
 
 import zlib
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
+from transformers import PretrainedConfig
 
 from pipeline.config import ModelSection
-from pipeline.models.backbones import backbone_config, build_backbone
+from pipeline.models.backbones import backbone_config, backbone_dims, build_backbone, pretrained_config
+from pipeline.models.tokenizer import BackboneTokenizer
 from pipeline.models.router import GatedLayer, GateMode, GateState, Router, StaticRouter, decide
 
 
@@ -37,6 +39,23 @@ class VLAConfig(BaseModel):
     vision_stem: str = "patch"        # patch: one strided conv; mlp: two patchify stages with a GELU
     router_hidden: int | None = None  # None: a teacher (no router)
     static_layers: tuple[int, ...] | None = None  # a fixed set of layers instead of a router (ablation)
+    # A pretrained backbone's full config.json; None: a from-scratch decoder with our defaults (and every
+    # checkpoint written before this field existed).
+    hf_config: dict[str, Any] | None = None
+    # That backbone's tokenizer as the text files save_pretrained writes (name -> content); None: instructions
+    # are hashed words (from-scratch teachers).
+    tokenizer: dict[str, str] | None = None
+
+    @model_validator(mode="after")
+    def _sizes_match_the_hf_config(self) -> VLAConfig:
+        if self.hf_config is None:
+            return self
+        theirs = backbone_dims(self.hf_config)
+        wrong = {k: (getattr(self, k), v) for k, v in theirs.items() if getattr(self, k) != v}
+        if wrong:
+            raise ValueError(f"the VLA config disagrees with its hf_config (the backbone's config.json) on "
+                             f"{wrong} (ours, config.json); take the sizes from the config.json (backbone_dims)")
+        return self
 
     @property
     def num_patches(self) -> int:
@@ -128,11 +147,11 @@ class VLA(nn.Module):
         self.action_query = nn.Parameter(torch.zeros(1, 1, d))
         nn.init.normal_(self.patch_pos, std=0.02)
         nn.init.normal_(self.action_query, std=0.02)
-        hf_cfg = backbone_config(cfg.backbone, hidden_size=d, num_layers=cfg.num_layers,
-                                 num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-                                 intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
-                                 max_positions=max(64, cfg.seq_len))
+        hf_cfg = _decoder_config(cfg)
         self.backbone = build_backbone(cfg.backbone, hf_cfg)
+        # Instructions: the backbone's own tokenizer (loaded on first use), hashed words for from-scratch teachers.
+        self.tokenizer = (BackboneTokenizer(cfg.tokenizer, cfg.hf_config, cfg.max_instruction_tokens)
+                          if cfg.tokenizer is not None else None)
         self.gate_state = GateState()
         for i, layer in enumerate(list(self.backbone.layers)):
             self.backbone.layers[i] = GatedLayer(layer, i, self.gate_state)
@@ -140,7 +159,8 @@ class VLA(nn.Module):
         # The decoder's sdpa mask, causal part: built once (see _attention_mask); None where the decoder must
         # build its own. Not saved with the weights.
         window = getattr(hf_cfg, "sliding_window", None)
-        prepared = hf_cfg._attn_implementation == "sdpa" and (window is None or window >= cfg.seq_len)
+        prepared = (hf_cfg._attn_implementation == "sdpa" and (window is None or window >= cfg.seq_len)
+                    and not getattr(hf_cfg, "use_bidirectional_attention", False))
         causal = torch.ones(cfg.seq_len, cfg.seq_len, dtype=torch.bool).tril() if prepared else None
         self.register_buffer("causal", causal, persistent=False)
         self.router: Router | StaticRouter | None = None
@@ -154,8 +174,12 @@ class VLA(nn.Module):
         """Input embeddings (B x N x d), token mask, and the vision, text, text-mask parts the router reads."""
         vision = self.patch(images).flatten(2).transpose(1, 2) + self.patch_pos
         vision = self.vision_norm(vision)
-        ids, text_mask = tokenize(instructions, self.cfg.vocab_size, self.cfg.max_instruction_tokens)
+        ids, text_mask = self.instruction_ids(instructions)
         ids, text_mask = ids.to(images.device), text_mask.to(images.device)
+        # The decoder's own embedding module, as its forward(input_ids=...) would call it. For Gemma this
+        # matters: in transformers 5.23 the sqrt(hidden_size) scale lives in GemmaTextScaledWordEmbedding, not in
+        # GemmaModel.forward, which passes inputs_embeds through unscaled. So text tokens here are scaled exactly
+        # as the library scales the same ids, and the vision/proprio tokens (inputs_embeds) are not scaled.
         text = self.backbone.get_input_embeddings()(ids)
         batch = images.shape[0]
         tail = torch.cat([self.proprio(proprio).unsqueeze(1), self.action_query.expand(batch, -1, -1)], 1)
@@ -163,6 +187,12 @@ class VLA(nn.Module):
         ones = torch.ones(batch, vision.shape[1], dtype=torch.long, device=images.device)
         mask = torch.cat([ones, text_mask, torch.ones(batch, 2, dtype=torch.long, device=images.device)], 1)
         return tokens, mask, vision, text, text_mask
+
+    def instruction_ids(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """B x max_instruction_tokens ids and attention mask: the backbone's tokenizer, or hashed words."""
+        if self.tokenizer is not None:
+            return self.tokenizer(instructions)
+        return tokenize(instructions, self.cfg.vocab_size, self.cfg.max_instruction_tokens)
 
     def forward(self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor,
                 mode: GateMode = "off", threshold: float = 0.5, record: bool = False,
@@ -199,6 +229,16 @@ class VLA(nn.Module):
         return self.causal & mask.bool()[:, None, None, :]
 
 
+def _decoder_config(cfg: VLAConfig) -> PretrainedConfig:
+    """The decoder's config: a pretrained one exactly as its config.json says, else our from-scratch defaults."""
+    if cfg.hf_config is not None:
+        return pretrained_config(cfg.hf_config, cfg.seq_len)
+    return backbone_config(cfg.backbone, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                           num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                           intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
+                           max_positions=max(64, cfg.seq_len))
+
+
 def teacher_config(model: ModelSection, image_shape: list[int], proprio_dim: int, action_dim: int) -> VLAConfig:
     """A teacher's config: widths from the model section, input/output sizes from the data manifest."""
     if image_shape[0] != image_shape[1]:
@@ -210,10 +250,10 @@ def teacher_config(model: ModelSection, image_shape: list[int], proprio_dim: int
                 num_heads=model.num_heads, num_kv_heads=model.num_kv_heads,
                 intermediate_size=model.intermediate_size, vocab_size=model.vocab_size)
     if model.pretrained_backbone:
-        from pipeline.models.hf_import import backbone_dims, read_hf_config
+        from pipeline.models.hf_import import pretrained_dims
 
-        # A pretrained decoder fixes its own sizes; the model section's widths do not apply.
-        dims = backbone_dims(read_hf_config(model.pretrained_backbone))
+        # A pretrained decoder fixes its own architecture and tokenizer; the model section's widths do not apply.
+        dims = pretrained_dims(model.pretrained_backbone)
     return VLAConfig(**dims, max_instruction_tokens=model.max_instruction_tokens, image_size=image_shape[0],
                      patch_size=model.patch_size, proprio_dim=proprio_dim, action_dim=action_dim,
                      vision_stem=model.vision_stem)

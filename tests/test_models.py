@@ -26,6 +26,14 @@ def inputs(batch=4, seed=0):
             torch.randn(batch, 4, generator=g))
 
 
+def record_layer_rows(model):
+    """The rows each decoder-layer call receives, in call order (hooks on the layers themselves)."""
+    rows = []
+    for wrapper in model.backbone.layers:
+        wrapper.layer.register_forward_hook(lambda _m, args, _o: rows.append(args[0].shape[0]))
+    return rows
+
+
 @pytest.mark.parametrize("backbone", ["llama", "qwen2", "mistral"])
 def test_student_with_router_forced_open_equals_teacher(backbone):
     torch.manual_seed(0)
@@ -94,9 +102,8 @@ def test_mixed_gates_run_each_layer_only_on_its_rows_and_match_row_by_row():
     student = derive_student(VLA(tiny()).eval(), router_hidden=16).eval()
     torch.nn.init.normal_(student.router.out.weight, std=3.0)
     x = inputs(batch=6, seed=3)
-    student.gate_state.calls.clear()
+    rows_run = record_layer_rows(student)
     out = student(*x, mode="hard")
-    rows_run = student.gate_state.calls.copy()
     executed = out.executed
     assert 0 < executed.sum() < executed.numel(), "the test needs a batch with mixed gates"
     assert rows_run == [int(n) for n in executed.sum(0).tolist() if n > 0]
@@ -201,10 +208,10 @@ def test_static_layers_run_exactly_those_layers_for_every_row_and_cost_no_router
     teacher = VLA(tiny(layers=4)).eval()
     student = derive_student(teacher, router_hidden=16, static_layers=(1, 3)).eval()
     assert student.cfg.router_hidden is None and student.cfg.static_layers == (1, 3)
-    student.gate_state.calls.clear()
+    rows_run = record_layer_rows(student)
     with torch.no_grad():
         out = student(*inputs(batch=5), mode="hard")
     assert out.executed.tolist() == [[0.0, 1.0, 0.0, 1.0]] * 5
-    assert student.gate_state.calls == [5, 5]             # two layer calls, each on the whole batch
+    assert rows_run == [5, 5]             # two layer calls, each on the whole batch
     flops = policy_flops(student.cfg, 2.0, student.cfg.router_hidden)
     assert flops["router"] == 0.0 and flops["backbone"] == 2 * decoder_layer_flops(student.cfg)

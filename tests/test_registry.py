@@ -1,5 +1,6 @@
 """Promotion against a real `mlflow server` on 127.0.0.1: the gate, aliases, idempotency, serving."""
 
+import json
 import os
 import signal
 import socket
@@ -7,9 +8,11 @@ import subprocess
 import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import requests
 import torch
@@ -18,11 +21,13 @@ from mlflow.tracking import MlflowClient
 
 from jobs import promote
 from pipeline.config import load_config
+from pipeline.evaluate.policy import Policy
 from pipeline.evaluate.report import EvaluationReport, PolicyReport
 from pipeline.models.checkpoint import PolicyCard, save_policy
 from pipeline.models.student import derive_student
 from pipeline.models.vla import VLA, VLAConfig
 from pipeline.stages import RunPaths
+from pipeline.tracking.registry import register_student, set_aliases
 from pipeline.tune.trials import SweepSummary, TrialResult
 
 pytestmark = pytest.mark.slow   # an MLflow server and `mlflow models serve`
@@ -172,21 +177,71 @@ def test_gate_aliases_and_idempotency(run, mlflow_server):
     assert not any(v.tags["source"] in ("B", "C", "E", "G", "H") for v in versions)   # failing ones, never
 
 
-def test_mlflow_models_serve_answers_a_prediction(run, mlflow_server):
+def _post(url, payload):
+    return requests.post(f"{url}/invocations", data=json.dumps(payload), timeout=60,
+                         headers={"Content-Type": "application/json"})
+
+
+def test_mlflow_models_serve_answers_tensors_refuses_bad_requests_with_400_and_keeps_serving(run, mlflow_server,
+                                                                                            tmp_path):
+    cfg, teacher, teacher_hash = run
+    # Its own registered model, so that this test stands alone.
+    name, uri = f"{NAME}-served", str(tmp_path / "student")
+    torch.manual_seed(1)
+    student = derive_student(teacher, 8)
+    torch.nn.init.normal_(student.router.out.weight, std=3.0)   # different inputs open different layers
+    save_policy(student, uri, PolicyCard(normalizer=NORMALIZER, teacher_hash=teacher_hash, threshold=0.5,
+                                         instructions={"reach-v3": "reach to the goal position"}))
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_registry_uri(mlflow_server)
+    mlflow.set_experiment("served")
+    with mlflow.start_run():
+        version = register_student(name, TrialResult(trial="s", params={}, student_uri=uri, success=1.0,
+                                                     compute_ratio=0.5, action_mse_norm=0.1), {})
+    set_aliases(name, version)
     port = _free_port()
     # mlflow serve execs `uvicorn` by name: the venv's bin must be on PATH (CI calls .venv/bin/python directly).
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
+    proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}@champion",
                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    policy = Policy(uri)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+    proprio = rng.normal(0.3, 0.2, (32, 4)).astype(np.float32)
+    words = ["reach to the goal position", "push the puck to the goal"]
+    instructions = [words[i % 2] for i in range(32)]
+    expected = policy.act(images, instructions, proprio)
+
+    def one(i):
+        return {"image": images[i:i + 1].tolist(), "instruction": [instructions[i]], "proprio": proprio[i:i + 1].tolist()}
+
     try:
-        _wait_http(f"http://127.0.0.1:{port}/ping", proc, seconds=240)
-        payload = {"dataframe_split": {"columns": ["image", "instruction", "proprio"],
-                                       "data": [[[128] * (32 * 32 * 3), "reach to the goal position",
-                                                 [0.0, 0.6, 0.2, 1.0]]]}}
-        reply = requests.post(f"http://127.0.0.1:{port}/invocations", json=payload, timeout=60)
+        _wait_http(f"{url}/ping", proc, seconds=240)
+        # The standard tensor JSON, by columns (inputs) and by rows (instances).
+        reply = _post(url, {"inputs": {"image": images[:2].tolist(), "instruction": instructions[:2],
+                                       "proprio": proprio[:2].tolist()}})
         assert reply.status_code == 200, reply.text
-        predictions = reply.json()["predictions"]
-        assert len(predictions) == 1 and len(predictions[0]["action"]) == 4
+        np.testing.assert_allclose(reply.json()["predictions"], expected[:2], atol=1e-5)
+        rows = [{"image": images[i].tolist(), "instruction": instructions[i], "proprio": proprio[i].tolist()}
+                for i in range(2)]
+        reply = _post(url, {"instances": rows})
+        assert reply.status_code == 200, reply.text
+        np.testing.assert_allclose(reply.json()["predictions"], expected[:2], atol=1e-5)
+        # Malformed requests: a 4xx naming what is wrong, and the server goes on answering.
+        bad = {"wrong image size": ({**one(0), "image": np.zeros((1, 16, 16, 3), int).tolist()}, "(1, 16, 16, 3)"),
+               "missing field": ({k: v for k, v in one(0).items() if k != "proprio"}, "proprio"),
+               "NaN proprio": ({**one(0), "proprio": [[0.1, float("nan"), 0.2, 0.3]]}, "proprio row(s) [0]")}
+        for case, (inputs, named) in bad.items():
+            reply = _post(url, {"inputs": inputs})
+            assert 400 <= reply.status_code < 500, (case, reply.status_code, reply.text[:300])
+            assert named in reply.json()["message"], (case, reply.json()["message"][-300:])
+        # 32 concurrent requests get what the policy gives each alone.
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda i: _post(url, {"inputs": one(i)}), range(32)))
+        assert all(r.status_code == 200 for r in replies)
+        got = np.concatenate([r.json()["predictions"] for r in replies])
+        np.testing.assert_allclose(got, expected, atol=1e-5)
     finally:
         _stop(proc)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
 from pipeline.data.batches import Normalizer
 from pipeline.models.checkpoint import load_policy
+
+
+class PolicyStep(NamedTuple):
+    actions: np.ndarray    # B x A, raw units
+    executed: np.ndarray   # B x L, 1 where the decoder layer ran for that row
 
 
 class Policy:
@@ -20,20 +27,22 @@ class Policy:
         self.routed = self.model.router is not None
         # A teacher runs every layer; a routed student runs only the layers its gates open.
         self.mode = "hard" if self.routed else "off"
-        self.last_executed: np.ndarray | None = None   # B x L executed-layer flags of the last call
 
     @property
     def num_layers(self) -> int:
         return self.model.cfg.num_layers
 
-    @torch.no_grad()
     def act(self, images: np.ndarray, instructions: list[str], proprio: np.ndarray) -> np.ndarray:
-        """images B x H x W x 3 uint8, proprio B x P (raw units) -> actions B x A (raw units).
+        """images B x H x W x 3 uint8, proprio B x P (raw units) -> actions B x A (raw units)."""
+        return self.step(images, instructions, proprio).actions
+
+    @torch.no_grad()
+    def step(self, images: np.ndarray, instructions: list[str], proprio: np.ndarray) -> PolicyStep:
+        """Actions and the layers each row ran. Nothing of the call is kept on the policy: threads may share it.
 
         Rows are independent: a routed student runs each layer only on the rows whose gate opened it,
         so a batch across environments costs what its rows' layers cost."""
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2) / 255.0
         p = self.normalizer.norm_proprio(torch.from_numpy(np.asarray(proprio, dtype=np.float32)))
         out = self.model(x, list(instructions), p, mode=self.mode, threshold=self.threshold)
-        self.last_executed = out.executed.numpy().copy()
-        return self.normalizer.denorm_action(out.actions).numpy()
+        return PolicyStep(self.normalizer.denorm_action(out.actions).numpy(), out.executed.numpy())

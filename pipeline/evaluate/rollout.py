@@ -84,11 +84,11 @@ class RolloutWorker:
             while queue or running:
                 while queue and len(running) < self.envs_per_worker:
                     running.append(self._start(queue.popleft()))
-                actions = policy.act(np.stack([r.obs.image for r in running]),
-                                     [r.env.instruction for r in running],
-                                     np.stack([r.obs.proprio for r in running]))
+                step = policy.step(np.stack([r.obs.image for r in running]),
+                                   [r.env.instruction for r in running],
+                                   np.stack([r.obs.proprio for r in running]))
                 still = []
-                for r, action, flags in zip(running, actions, policy.last_executed):
+                for r, action, flags in zip(running, step.actions, step.executed):
                     r.obs, success = r.env.step(action)
                     r.steps += 1
                     r.executed.append(flags)

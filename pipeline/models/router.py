@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import threading
 from typing import Any, Literal
 
 import torch
@@ -77,18 +77,27 @@ class StaticRouter(nn.Module):
         return self.mask.to(vision.dtype).expand(vision.shape[0], -1)
 
 
-@dataclass
-class GateState:
-    """Per-forward gating state shared by the wrappers of one model (not a module: no weights)."""
+class GateState(threading.local):
+    """The gating state of the forward in progress, shared by the wrappers of one model (no weights).
 
-    mode: GateMode = "off"
-    gates: torch.Tensor | None = None           # B x L soft gates from the router
-    threshold: float = 0.5
-    run: torch.Tensor | None = None             # hard mode: B x L, True where the layer runs for that row
-    run_any: list[bool] = field(default_factory=list)   # hard mode, per layer: some row runs it
-    run_all: list[bool] = field(default_factory=list)   # hard mode, per layer: every row runs it
-    hidden: list[torch.Tensor] | None = None    # per-layer outputs when recording
-    calls: list[int] = field(default_factory=list)  # rows run per layer call (for tests/FLOPs)
+    Thread-local, and reset when each forward ends: a served model answers concurrent requests from several
+    threads, and one request's gates must neither steer another's layers nor outlive the call."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.mode: GateMode = "off"
+        self.gates: torch.Tensor | None = None      # B x L soft gates from the router
+        self.threshold = 0.5
+        self.run: torch.Tensor | None = None        # hard mode: B x L, True where the layer runs for that row
+        self.run_any: list[bool] = []               # hard mode, per layer: some row runs it
+        self.run_all: list[bool] = []               # hard mode, per layer: every row runs it
+        self.hidden: list[torch.Tensor] | None = None   # per-layer outputs when recording
+
+    def __reduce__(self) -> tuple[type[GateState], tuple[()]]:
+        # A copied or pickled model (derive_student, Ray) starts with a fresh, idle state of its own.
+        return (GateState, ())
 
 
 def decide(state: GateState, gates: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -140,7 +149,6 @@ class GatedLayer(nn.Module):
         return out
 
     def _run(self, h: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        self._state.calls.append(h.shape[0])
         out = self.layer(h, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 

@@ -201,21 +201,22 @@ class VLA(nn.Module):
         tokens, mask, vision, text, text_mask = self.embed(images, instructions, proprio)
         batch, layers = images.shape[0], self.cfg.num_layers
         gates = self.router(vision, text, text_mask, temperature) if (self.router is not None and mode != "off") else None
-        state = self.gate_state
-        state.mode, state.gates, state.threshold = (mode if gates is not None else "off"), gates, threshold
-        state.hidden = [] if record else None
-        if gates is None:
-            executed = torch.ones(batch, layers, device=images.device)
-        elif mode == "hard":
-            executed = decide(state, gates, threshold)
-        elif mode == "straight_through":
-            executed = (gates >= threshold).to(gates.dtype)
-        else:
-            executed = gates.detach()
+        state = self.gate_state   # this thread's; reset when the call ends, so nothing outlives it
         try:
+            state.mode, state.gates, state.threshold = (mode if gates is not None else "off"), gates, threshold
+            state.hidden = [] if record else None
+            if gates is None:
+                executed = torch.ones(batch, layers, device=images.device)
+            elif mode == "hard":
+                executed = decide(state, gates, threshold)
+            elif mode == "straight_through":
+                executed = (gates >= threshold).to(gates.dtype)
+            else:
+                executed = gates.detach()
             out = self.backbone(inputs_embeds=tokens, attention_mask=self._attention_mask(mask), use_cache=False)
+            hidden = state.hidden
         finally:
-            hidden, state.hidden, state.gates, state.run = state.hidden, None, None, None
+            state.reset()
         actions = self.action_head(out.last_hidden_state[:, -1])
         return VLAOutput(actions=actions, gates=gates, executed=executed, hidden=hidden, token_mask=mask)
 

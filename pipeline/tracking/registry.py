@@ -11,7 +11,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking.pyfunc import POLICY_ARTIFACT
+from pipeline.models.checkpoint import read_policy_config
+from pipeline.tracking.pyfunc import POLICY_ARTIFACT, input_example, policy_signature
 from pipeline.tune.trials import TrialResult
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,12 @@ def find_version(client: MlflowClient, name: str, student_hash: str) -> Any | No
 
 def register_student(name: str, candidate: TrialResult, evidence: dict[str, str]) -> Any:
     """Log the student as a pyfunc in the active run, register it, and tag the version with its evidence."""
-    # Models-from-code: MLflow stores the entry file, not a cloudpickled object.
+    # Models-from-code: MLflow stores the entry file, not a cloudpickled object. The signature and example
+    # show the MLflow UI and `mlflow models serve` users what to send (MLflow also runs the example once).
+    card = read_policy_config(candidate.student_uri)
     info = mlflow.pyfunc.log_model(name="student", python_model=str(PYFUNC_ENTRY),
                                    artifacts={POLICY_ARTIFACT: candidate.student_uri},
+                                   signature=policy_signature(card), input_example=input_example(card),
                                    pip_requirements=["actdistill"])
     version = mlflow.register_model(info.model_uri, name)
     client = MlflowClient()

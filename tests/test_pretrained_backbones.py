@@ -214,6 +214,15 @@ def test_an_unmapped_or_missing_tensor_is_an_error_naming_it(tmp_path):
         load_hf_backbone(_vla(missing), str(missing))
 
 
+def test_tied_embeddings_saved_under_the_heads_name_load(tmp_path):
+    folder = _save_folder(tmp_path / "tied", "llama")        # tie_word_embeddings: true
+    table = load_file(folder / "model.safetensors")["model.embed_tokens.weight"]
+    _edit_weights(folder, lambda t: t.update({"lm_head.weight": t.pop("model.embed_tokens.weight")}))
+    vla = _vla(folder)
+    load_hf_backbone(vla, str(folder))
+    assert torch.equal(vla.backbone.embed_tokens.weight, table)
+
+
 def test_a_folder_without_a_tokenizer_names_the_folder_and_the_fix(tmp_path):
     folder = _save_folder(tmp_path / "bare", "llama", tokenizer=False)
     with pytest.raises(FileNotFoundError, match=rf"{folder} holds no tokenizer files.*save_pretrained"):

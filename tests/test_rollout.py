@@ -5,7 +5,8 @@ import pytest
 import ray
 import torch
 
-from pipeline.evaluate.rollout import mean_layer_frequency, run_closed_loop
+from pipeline.evaluate.policy import Policy
+from pipeline.evaluate.rollout import SAMPLES_PER_EPISODE, layer_frequency_over_calls, run_closed_loop
 from pipeline.models.checkpoint import PolicyCard, save_policy
 from pipeline.models.student import derive_student
 from pipeline.models.vla import VLA, VLAConfig
@@ -57,6 +58,15 @@ def test_actors_run_every_episode_once_and_batching_changes_nothing(policies, ra
             assert (r.success, r.steps) == (s.success, s.steps)
             np.testing.assert_allclose(r.layer_frequency, s.layer_frequency, atol=1e-6)
     assert all(r.executed_fraction == 1.0 for r in batched if r.policy == "teacher")
-    assert mean_layer_frequency(batched, "static") == [1.0, 0.0, 1.0, 0.0]
-    routed = mean_layer_frequency(batched, "routed")
+    assert layer_frequency_over_calls(batched, "static") == [1.0, 0.0, 1.0, 0.0]
+    routed = layer_frequency_over_calls(batched, "routed")
     assert 0.0 < float(np.mean(routed)) < 1.0 and any(0.0 < f < 1.0 for f in routed)
+    # Each episode keeps some of its own calls for the latency measurement: re-run, a recorded observation
+    # opens exactly the layers it opened in closed loop, so it is the input the policy was given.
+    student = Policy(policies["routed"])
+    for r in batched:
+        assert len(r.recorded) == min(r.steps, SAMPLES_PER_EPISODE) and len(r.layers_per_call) == r.steps
+        if r.policy == "routed":
+            for call in r.recorded:
+                again = student.step(call.image[None], [call.instruction], call.proprio[None])
+                assert int(again.executed.sum()) == call.layers_run

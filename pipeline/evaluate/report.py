@@ -30,14 +30,19 @@ class PolicyReport(_Record):
     episodes: int
     ci95: tuple[float, float]
     per_task: dict[str, TaskSuccess]
-    executed_fraction: float           # decoder layers run per call, over the closed-loop calls
+    executed_fraction: float           # decoder layers run per call, mean over the closed-loop calls
     layer_frequency: list[float]       # per decoder layer, the fraction of closed-loop calls that ran it
     flops: dict[str, float]            # per batch-1 call: vision, backbone, router, action_head, total
     action_mse_norm: float             # held-out rows, normalised action units
     action_mse_raw: float
     heldout_rows: float                # the rows both action errors are measured on
-    latency_ms_median: float           # batch-1 calls
+    latency_ms_median: float           # batch-1 calls on the policy's own closed-loop observations
     latency_ms_p90: float
+    # Reports written before these figures existed read with None.
+    executed_fraction_p90: float | None = None       # 90th percentile of one call's executed fraction
+    closed_loop_calls: int | None = None             # the calls executed_fraction, layer_frequency, flops cover
+    latency_inputs: int | None = None                # distinct recorded observations the latency calls cycle
+    latency_executed_fraction: float | None = None   # layers run by the timed calls themselves
 
 
 class Ratios(_Record):
@@ -57,6 +62,7 @@ class EvaluationReport(_Record):
     max_steps: int
     policies: dict[str, PolicyReport]
     ratios: dict[str, Ratios] | None = None    # present when a teacher was evaluated
+    measured_on: dict[str, str] | None = None  # figure(s) -> the inputs they were measured on
 
     @classmethod
     def read(cls, path: Path) -> EvaluationReport:
@@ -70,8 +76,9 @@ class EvaluationReport(_Record):
         out: dict[str, float] = {}
         for name, b in self.policies.items():
             for key in ("success", "executed_fraction", "action_mse_norm", "action_mse_raw",
-                        "latency_ms_median", "latency_ms_p90"):
-                out[f"{name}/{key}"] = float(getattr(b, key))
+                        "latency_ms_median", "latency_ms_p90", "executed_fraction_p90", "latency_executed_fraction"):
+                if getattr(b, key) is not None:
+                    out[f"{name}/{key}"] = float(getattr(b, key))
             for part, value in b.flops.items():
                 out[f"{name}/flops_{part}"] = value
         for name, ratios in (self.ratios or {}).items():
@@ -82,18 +89,25 @@ class EvaluationReport(_Record):
 def summary_table(report: EvaluationReport) -> str:
     """Markdown table: success (95% CI), backbone/total FLOPs per call, latency, layers run."""
     lines = ["| policy | success (95% CI) | backbone MFLOPs/call | total MFLOPs/call | latency ms (median / p90) "
-             "| layers run | held-out action MSE |",
+             "| layers run (mean / p90 per call; timed calls) | held-out action MSE |",
              "|---|---|---|---|---|---|---|"]
     for name, b in report.policies.items():
         lo, hi = b.ci95
+        layers = f"{b.executed_fraction:.2f}"
+        if b.executed_fraction_p90 is not None:
+            layers += f" / {b.executed_fraction_p90:.2f}"
+        if b.latency_executed_fraction is not None:
+            layers += f"; {b.latency_executed_fraction:.2f}"
         lines.append(f"| {name} | {b.success:.2f} ({lo:.2f}-{hi:.2f}, n={b.episodes}) "
                      f"| {b.flops['backbone'] / 1e6:.2f} | {b.flops['total'] / 1e6:.2f} "
                      f"| {b.latency_ms_median:.2f} / {b.latency_ms_p90:.2f} "
-                     f"| {b.executed_fraction:.2f} | {b.action_mse_norm:.3f} |")
+                     f"| {layers} | {b.action_mse_norm:.3f} |")
     for name, r in (report.ratios or {}).items():
         lines.append("")
         lines.append(f"{name} vs teacher: backbone FLOPs x{r.backbone_flops_ratio:.2f}, "
                      f"latency speed-up x{r.latency_speedup:.2f}, success {r.success_delta:+.2f}")
+    if report.measured_on:
+        lines += ["", "Measured on:"] + [f"- {figures}: {inputs}" for figures, inputs in report.measured_on.items()]
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ episodes, not chunks.
 
 from __future__ import annotations
 
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -17,6 +18,12 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
+# Observations each episode keeps for the latency measurement: drawn uniformly over its calls (reservoir
+# sampling, seeded by the episode), so the timed inputs are the policy's own closed-loop inputs. 4 x 12 KiB
+# per 64 px episode: 120 demo episodes hand ~6 MiB per policy back to the driver.
+SAMPLES_PER_EPISODE = 4
+
+
 @dataclass(frozen=True)
 class EpisodeSpec:
     policy: str
@@ -25,14 +32,33 @@ class EpisodeSpec:
 
 
 @dataclass(frozen=True)
+class RecordedCall:
+    """One closed-loop policy call, as the policy saw it, and the decoder layers it ran."""
+
+    image: np.ndarray        # H x W x 3 uint8
+    instruction: str
+    proprio: np.ndarray      # P, raw units
+    layers_run: int
+
+
+@dataclass(frozen=True)
 class EpisodeResult:
     policy: str
     task: str
     seed: int
     success: bool
-    steps: int
-    executed_fraction: float
-    layer_frequency: list[float]
+    steps: int                        # policy calls, one per environment step
+    layer_counts: list[int]           # per decoder layer, the calls of this episode that ran it
+    layers_per_call: list[int]        # per call, the decoder layers it ran
+    recorded: list[RecordedCall]      # up to SAMPLES_PER_EPISODE of its calls, for the latency measurement
+
+    @property
+    def executed_fraction(self) -> float:
+        return sum(self.layers_per_call) / (self.steps * len(self.layer_counts))
+
+    @property
+    def layer_frequency(self) -> list[float]:
+        return [c / self.steps for c in self.layer_counts]
 
 
 @dataclass
@@ -44,11 +70,27 @@ class _Running:
     obs: Any
     steps: int = 0
     executed: list[np.ndarray] = field(default_factory=list)
+    recorded: list[RecordedCall] = field(default_factory=list)
+    rng: np.random.Generator | None = None
+
+    def record(self, flags: np.ndarray) -> None:
+        """Keep this call with probability SAMPLES_PER_EPISODE / calls so far (reservoir sampling)."""
+        if self.rng is None:
+            self.rng = np.random.default_rng([self.spec.seed, zlib.crc32(self.spec.task.encode())])
+        slot = self.steps if self.steps < SAMPLES_PER_EPISODE else int(self.rng.integers(0, self.steps + 1))
+        if slot >= SAMPLES_PER_EPISODE:
+            return
+        call = RecordedCall(self.obs.image.copy(), self.env.instruction, self.obs.proprio.copy(),
+                            int(flags.sum()))
+        if slot == len(self.recorded):
+            self.recorded.append(call)
+        else:
+            self.recorded[slot] = call
 
     def result(self, success: bool) -> EpisodeResult:
-        flags = np.stack(self.executed)   # steps x L; an episode ends after at least one step
+        flags = np.stack(self.executed) > 0.5   # steps x L; an episode ends after at least one step
         return EpisodeResult(self.spec.policy, self.spec.task, self.spec.seed, success, self.steps,
-                             float(flags.mean()), flags.mean(0).tolist())
+                             flags.sum(0).tolist(), flags.sum(1).tolist(), self.recorded)
 
 
 @ray.remote(num_cpus=1)
@@ -89,6 +131,7 @@ class RolloutWorker:
                                    np.stack([r.obs.proprio for r in running]))
                 still = []
                 for r, action, flags in zip(running, step.actions, step.executed):
+                    r.record(flags)
                     r.obs, success = r.env.step(action)
                     r.steps += 1
                     r.executed.append(flags)
@@ -148,6 +191,20 @@ def success_table(results: list[EpisodeResult], policy: str) -> dict[str, list[b
     return table
 
 
-def mean_layer_frequency(results: list[EpisodeResult], policy: str) -> list[float]:
-    rows = [r.layer_frequency for r in results if r.policy == policy]
-    return np.mean(rows, axis=0).tolist() if rows else []
+def calls_of(results: list[EpisodeResult], policy: str) -> list[int]:
+    """Layers run by each closed-loop call of a policy, over all its episodes."""
+    return [n for r in results if r.policy == policy for n in r.layers_per_call]
+
+
+def layer_frequency_over_calls(results: list[EpisodeResult], policy: str) -> list[float]:
+    """Per decoder layer, the fraction of the policy's closed-loop calls that ran it: a mean over calls, so a
+    long episode weighs what its calls weigh (a mean of per-episode means would let a short one count as much)."""
+    mine = [r for r in results if r.policy == policy]
+    if not mine:
+        return []
+    calls = sum(r.steps for r in mine)
+    return (np.sum([r.layer_counts for r in mine], axis=0) / calls).tolist()
+
+
+def recorded_calls(results: list[EpisodeResult], policy: str) -> list[RecordedCall]:
+    return [c for r in results if r.policy == policy for c in r.recorded]

@@ -33,6 +33,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_NAME",
                    help="train-teacher/distill only: continue the interrupted Ray Train run RUN_NAME from its "
                         "last checkpoint (same as run.resume=RUN_NAME); pass the run's config and overrides")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray Data's progress bars and Ray's worker logs too (same as run.verbose=true)")
     p.add_argument("--debug", action="store_true",
                    help="show the full traceback of a known error (a bad config, shard or input) too")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as router.budget=0.4")
@@ -49,6 +51,8 @@ def _resolve(args: argparse.Namespace, verb: str) -> PipelineConfig:
         overrides.append(f"sweep.space={args.space}")
     if args.resume:
         overrides.append(f"run.resume={args.resume}")
+    if args.verbose:
+        overrides.append("run.verbose=true")
     cfg = load_config(args.config, overrides)
     if cfg.run.resume and verb not in RESUMABLE:
         raise ConfigError(f"run.resume={cfg.run.resume!r}: only {' and '.join(RESUMABLE)} runs can be resumed, "
@@ -57,11 +61,14 @@ def _resolve(args: argparse.Namespace, verb: str) -> PipelineConfig:
 
 
 def check_inputs(cfg: PipelineConfig, verb: str) -> None:
-    """Before any Ray or MLflow work: the outputs of the stages `verb` reads exist (first missing one named)."""
+    """Before any Ray or MLflow work: the stages before `verb`'s own inputs have run (the first missing one is
+    named). Its direct inputs the job checks itself, with what it really reads (online distill reads
+    probe-teacher's probes but not its labels.json, so that stage's completion mark cannot be required)."""
     if verb not in BY_NAME:
         return
     paths = RunPaths.of(cfg)
-    for name in upstream(verb):
+    direct = set(BY_NAME[verb].after)
+    for name in (up for up in upstream(verb) if up not in direct):
         done = BY_NAME[name].done_file(paths)
         if done is not None and not storage.exists(done):
             raise MissingInput(f"{verb} needs the output of {name}, but {done} does not exist; run "

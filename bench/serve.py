@@ -138,7 +138,7 @@ def start_server(model_uri: str, store: Path) -> tuple[subprocess.Popen, str]:
         try:
             if requests.get(f"{url}/ping", timeout=2).status_code == 200:
                 return proc, url
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):   # not up yet, or busy starting
             pass
         time.sleep(0.5)
     stop(proc)

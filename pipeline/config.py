@@ -205,6 +205,9 @@ class PromoteSection(_Section):
     model_name: str = Field("actdistill-student", min_length=1, description="registered model name")
     success_delta: float = Field(0.05, ge=0, le=1, description="allowed success drop vs teacher, in [0, 1]")
     compute_budget: float = Field(0.9, gt=0, le=1, description="max student/teacher backbone FLOPs, (0, 1]")
+    reevaluate_top: int = Field(
+        2, ge=1, description="how many of the best sweep students (by their sweep figures) are re-evaluated on "
+                             "the teacher's episodes and seeds, best first, until one passes the gate, e.g. 2")
 
 
 class TrackingSection(_Section):

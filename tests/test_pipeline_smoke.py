@@ -2,11 +2,13 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -110,11 +112,11 @@ def test_the_registered_pyfunc_predicts_actions(smoke_run):
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     model = mlflow.pyfunc.load_model("models:/actdistill-smoke-student@champion")
-    import pandas as pd
-    frame = pd.DataFrame({"image": [[0] * (64 * 64 * 3)], "instruction": ["reach to the goal position"],
-                          "proprio": [[0.0, 0.6, 0.2, 1.0]]})
-    actions = model.predict(frame)["action"].tolist()
-    assert len(actions) == 1 and len(actions[0]) == 4
+    assert [spec.name for spec in model.metadata.get_input_schema().inputs] == ["image", "instruction", "proprio"]
+    request = {"image": np.zeros((2, 64, 64, 3), np.uint8), "instruction": np.array(["reach to the goal position"] * 2),
+               "proprio": np.array([[0.0, 0.6, 0.2, 1.0]] * 2, np.float32)}
+    actions = model.predict(request)
+    assert actions.shape == (2, 4) and np.isfinite(actions).all()
 
 
 def test_a_job_runs_alone_as_a_module_on_the_run_folder(smoke_run):
@@ -158,3 +160,33 @@ def test_train_teacher_starts_from_a_pretrained_hf_decoder(smoke_run, tmp_path):
     # Two small optimizer steps moved the decoder only slightly from its pretrained start.
     start, end = hf_weights["model.layers.2.mlp.down_proj.weight"], ours["backbone.layers.2.layer.mlp.down_proj.weight"]
     assert (end - start).abs().max() < 0.05 and not torch.equal(end, start)
+
+
+def test_promote_reevaluates_a_lucky_sweep_winner_on_the_teachers_episodes(smoke_run, tmp_path):
+    """A trial ranked on 1 episode per task is measured again on the teacher's 2 before the gate; the gate uses
+    that measurement and the version's tags carry both."""
+    run_dir, _ = smoke_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("ray"))
+    trials = json.loads((copy / "sweep" / "trials.json").read_text())
+    lucky = trials["trials"][0]
+    lucky.update(student_uri=lucky["student_uri"].replace(str(run_dir), str(copy)), success=0.97,
+                 compute_ratio=0.05, episodes_per_task=1, eval_seed=10_000)   # a lucky draw, cheap on paper
+    (copy / "sweep" / "trials.json").write_text(json.dumps(trials))
+    uri = f"sqlite:///{copy.resolve()}/mlflow.db"
+    client = MlflowClient(uri, registry_uri=uri)
+    gate = ["promote.reevaluate_top=1", "promote.success_delta=1.0"]
+    _run([sys.executable, "-m", "jobs.promote", "promote.model_name=lucky", "promote.compute_budget=1.0", *gate],
+         copy, timeout=600)
+    version = client.get_model_version_by_alias("lucky", "champion")
+    assert version.tags["source"] == lucky["trial"]
+    assert float(version.tags["sweep_success"]) == 0.97 and version.tags["sweep_episodes_per_task"] == "1"
+    assert version.tags["episodes_per_task"] == version.tags["teacher_episodes_per_task"] == "2"
+    success, compute = float(version.tags["success"]), float(version.tags["compute_ratio"])
+    assert success in (0.0, 0.25, 0.5, 0.75, 1.0)        # 2 tasks x 2 episodes, not the sweep's 0.97
+    assert compute > 0.05, "the test needs a student that runs some layers in closed loop"
+    # The same trial under a compute budget its sweep figure meets and its closed-loop one does not: refused.
+    budget = (0.05 + compute) / 2
+    _run([sys.executable, "-m", "jobs.promote", "promote.model_name=lucky-budget",
+          f"promote.compute_budget={budget}", *gate], copy, timeout=600)
+    assert client.search_model_versions("name='lucky-budget'") == []

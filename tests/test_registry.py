@@ -53,7 +53,7 @@ def _wait_http(url: str, proc: subprocess.Popen, seconds: float = 240) -> None:
         try:
             if requests.get(url, timeout=2).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):   # not up yet, or busy starting
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer in {seconds} s")
@@ -101,29 +101,33 @@ def run(tmp_path_factory, mlflow_server):
     return cfg, teacher, teacher_hash
 
 
-def _evaluated(success, executed, action_mse):
+def _evaluated(success, executed, action_mse, episodes):
     """A policy's evaluation block: the figures promote reads, the rest filled in plausibly."""
-    return PolicyReport(success=success, episodes=20, ci95=(0.0, 1.0), per_task={}, executed_fraction=executed,
+    return PolicyReport(success=success, episodes=episodes, ci95=(0.0, 1.0), per_task={}, executed_fraction=executed,
                         layer_frequency=[executed] * 4, flops={"backbone": executed, "total": 1.0},
                         action_mse_norm=action_mse, action_mse_raw=action_mse, heldout_rows=10.0,
                         latency_ms_median=1.0, latency_ms_p90=1.0)
 
 
 def _round(cfg, teacher, teacher_hash, results: dict[str, tuple[float, float]]) -> None:
-    """Write students (distinct real weights) and the evaluate/sweep results promote reads."""
+    """Write students (distinct real weights) and the evaluate/sweep results promote reads. Every figure is
+    on the teacher's episodes and seeds, so promote gates them as they are (no closed-loop re-evaluation)."""
     paths, trials = RunPaths.of(cfg), []
+    count, first = cfg.evaluate.episodes_per_task, cfg.evaluate.seed
     for i, (name, (success, compute)) in enumerate(results.items()):
         torch.manual_seed(zlib.crc32(name.encode()))
         uri = str(paths.sweep / name / "student")
         save_policy(derive_student(teacher, 8), uri, PolicyCard(normalizer=NORMALIZER, teacher_hash=teacher_hash,
                                                                 data_content_hash="data123", config_digest="cfg1"))
         trials.append(TrialResult(trial=name, params={"router.budget": compute}, student_uri=uri, success=success,
-                                  compute_ratio=compute, action_mse_norm=0.1 + i / 100, latency_ms_median=1.0))
+                                  compute_ratio=compute, action_mse_norm=0.1 + i / 100, latency_ms_median=1.0,
+                                  episodes_per_task=count, eval_seed=first))
     own = trials.pop(0)
     paths.evaluate.mkdir(parents=True, exist_ok=True)
-    report = EvaluationReport(tasks=["reach-v3"], seeds=[0], max_steps=10,
-                              policies={"teacher": _evaluated(0.8, 1.0, 0.05),
-                                        "student": _evaluated(own.success, own.compute_ratio, own.action_mse_norm)})
+    report = EvaluationReport(tasks=["reach-v3"], seeds=[first + i for i in range(count)], max_steps=10,
+                              policies={"teacher": _evaluated(0.8, 1.0, 0.05, count),
+                                        "student": _evaluated(own.success, own.compute_ratio, own.action_mse_norm,
+                                                              count)})
     (paths.evaluate / "report.json").write_text(report.to_json())
     # The pipeline's own student sits in the run's student folder: copy the first one there.
     paths.student.mkdir(parents=True, exist_ok=True)
@@ -157,6 +161,9 @@ def test_gate_aliases_and_idempotency(run, mlflow_server):
     assert v1.tags["source"] == "distill" and v1.tags["teacher_hash"] == teacher_hash
     assert v1.tags["data_content_hash"] == "data123" and v1.tags["config_digest"] == "cfg1"
     assert float(v1.tags["compute_ratio"]) == 0.5 and float(v1.tags["teacher_success"]) == 0.8
+    # Measured on the teacher's episodes already: gated as it was, nothing re-evaluated.
+    assert v1.tags["episodes_per_task"] == v1.tags["teacher_episodes_per_task"] == str(cfg.evaluate.episodes_per_task)
+    assert "sweep_success" not in v1.tags
     # Running it again changes nothing.
     assert promote.main(cfg) == first
     assert len(client.search_model_versions(f"name='{NAME}'")) == 1

@@ -51,9 +51,9 @@ def _candidate_key(candidate: TrialResult) -> tuple[float, float, float]:
     return rank_key(candidate.success, candidate.compute_ratio, candidate.action_mse_norm)
 
 
-def best_passing(candidates: list[TrialResult], gate: Gate) -> TrialResult | None:
-    passing = [c for c in candidates if gate.passes(c)]
-    return min(passing, key=_candidate_key) if passing else None
+def ranked_passing(candidates: list[TrialResult], gate: Gate) -> list[TrialResult]:
+    """The candidates that pass the gate on their own figures, best first."""
+    return sorted((c for c in candidates if gate.passes(c)), key=_candidate_key)
 
 
 def _alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:

@@ -100,7 +100,8 @@ def run_trials(cfg: PipelineConfig, space: dict[str, Any], parent_run_id: str) -
         trials.append(TrialResult(trial=m["trial"], params=params, student_uri=m["student_uri"],
                                   mlflow_run_id=m["mlflow_run_id"], success=m["success"],
                                   compute_ratio=m["compute_ratio"], action_mse_norm=m["action_mse_norm"],
-                                  latency_ms_median=m["latency_ms_median"]))
+                                  latency_ms_median=m["latency_ms_median"],
+                                  episodes_per_task=cfg.sweep.eval_episodes_per_task, eval_seed=cfg.evaluate.seed))
     return trials, stopped
 
 

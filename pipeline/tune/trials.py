@@ -21,6 +21,8 @@ class TrialResult(BaseModel):
     action_mse_norm: float                   # held-out action error (normalised units)
     latency_ms_median: float | None = None   # batch-1
     mlflow_run_id: str | None = None
+    episodes_per_task: int | None = None     # closed-loop episodes per task behind `success` (None: not recorded)
+    eval_seed: int | None = None             # the first of their seeds (evaluate.seed, then one up per episode)
 
 
 class TeacherPoint(BaseModel):

@@ -43,6 +43,7 @@ class Policy:
         Rows are independent: a routed student runs each layer only on the rows whose gate opened it,
         so a batch across environments costs what its rows' layers cost."""
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2) / 255.0
-        p = self.normalizer.norm_proprio(torch.from_numpy(np.asarray(proprio, dtype=np.float32)))
+        # A copy (4 floats): arrays from the Ray object store or a request are read-only, which torch warns about.
+        p = self.normalizer.norm_proprio(torch.from_numpy(np.array(proprio, dtype=np.float32)))
         out = self.model(x, list(instructions), p, mode=self.mode, threshold=self.threshold)
         return PolicyStep(self.normalizer.denorm_action(out.actions).numpy(), out.executed.numpy())

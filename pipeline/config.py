@@ -38,6 +38,8 @@ class RunSection(_Section):
                                description="the Ray Train run name of an interrupted train-teacher or distill "
                                            "run to continue from its last checkpoint (the job prints it and tags "
                                            "it in MLflow as ray_run_name); null for a fresh run")
+    verbose: bool = Field(False, description="true: Ray Data's progress bars and Ray's INFO/WARNING logs from its "
+                                             "workers (`--verbose`); false: one progress line per training stage")
 
 
 class CollectSection(_Section):

@@ -10,6 +10,7 @@ import socket
 import ray
 
 from pipeline.config import PipelineConfig
+from pipeline.data.ingest import quiet_ray_data
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +60,24 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
 
 def start_ray(cfg: PipelineConfig) -> None:
     """Idempotent: jobs run one after another in `actdistill run` share one Ray session."""
+    quiet_ray_data(cfg.run.verbose)
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": WORKER_ENV}
+    # Ray's workers (Train controller, Data coordinators) log ~20 INFO/WARNING lines a fit, repeated each
+    # few seconds ("PlacementGroupCleaner ... State API"); errors still reach the terminal.
+    logging_config = ray.LoggingConfig(log_level="INFO" if cfg.run.verbose else "ERROR")
     address = cluster_address(cfg)
+    # ray.init applies logging_config to this process's root logger too: keep the job's own INFO lines
+    # (`=== distill ===`, where the policy was written) as the CLI set them up.
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
     if address is not None:
         check_reachable(address)
         log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_config=logging_config)
     else:
         ray.init(address=init_address(None), num_cpus=cfg.run.ray_num_cpus, runtime_env=runtime_env,
-                 include_dashboard=False, log_to_driver=True)
+                 include_dashboard=False, log_to_driver=True, logging_config=logging_config)
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -362,3 +362,33 @@ def test_a_stored_report_is_reused_only_while_the_shards_are_unchanged(copy, tmp
     path.write_bytes(bytes(data))
     with pytest.raises(ShardError, match=r"content_hash is .* the shards were modified"):
         validate_shards(str(folder), manifest, "skip", cache_dir=reports)
+
+
+def epoch_orders(folder, manifest, epochs=2):
+    """What each of 2 Train workers reads per epoch: the shards through shuffle_each_epoch, split the way
+    Ray Train splits them under replayable_data_config (preserve_order, equal splits)."""
+    from pipeline.data.shards import shuffle_each_epoch
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    splits = shuffle_each_epoch(open_shards(str(folder), manifest), seed=0).streaming_split(2, equal=True)
+    orders = {0: [], 1: []}
+
+    def read(rank):
+        for _ in range(epochs):
+            orders[rank].append([f"{r['episode_id']}/{r['step']}" for r in splits[rank].iter_rows()])
+
+    workers = [threading.Thread(target=read, args=(rank,)) for rank in (0, 1)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    return orders
+
+
+@pytest.mark.slow
+def test_each_epoch_is_shuffled_anew_and_a_restart_replays_the_same_orders(good, ray_local):
+    folder, manifest = good
+    first = epoch_orders(folder, manifest)
+    # With random_shuffle(seed=run.seed) every epoch repeated epoch 0's order.
+    assert first[0][0] != first[0][1] and sorted(first[0][0] + first[1][0]) == sorted(first[0][1] + first[1][1])
+    assert epoch_orders(folder, manifest) == first   # a restarted run (new dataset, epoch 0 again) replays them

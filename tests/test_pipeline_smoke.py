@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,7 +28,7 @@ def _run(args, run_dir, timeout):
     proc = subprocess.run(args + ["--config", str(SMOKE), f"run.run_dir={relative}"], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc.stdout
+    return proc.stdout + proc.stderr   # what the terminal shows: Ray's forwarded worker logs go to stderr
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +161,18 @@ def test_train_teacher_starts_from_a_pretrained_hf_decoder(smoke_run, tmp_path):
     # Two small optimizer steps moved the decoder only slightly from its pretrained start.
     start, end = hf_weights["model.layers.2.mlp.down_proj.weight"], ours["backbone.layers.2.layer.mlp.down_proj.weight"]
     assert (end - start).abs().max() < 0.05 and not torch.equal(end, start)
+
+
+def test_the_terminal_shows_every_stage_and_training_progress_but_no_ray_data_redraws(smoke_run):
+    _, output = smoke_run
+    lines = output.splitlines()
+    assert len(lines) < 300, f"{len(lines)} lines (9,100 before Ray Data's bars were turned off)"
+    assert all(f"=== {stage} ===" in output for stage in STAGES)
+    # Rank 0's progress line from the training loop, forwarded from a Ray Train worker.
+    assert re.search(r"teacher step 40/40  loss \d+\.\d+  \d+ samples/s  ETA", output)
+    assert re.search(r"student step \d+/\d+  loss ", output)
+    assert "Running Dataset" not in output and "row/s]" not in output and "dataset sampling" not in output
+    assert "requires_grad=True to a scalar" not in output
 
 
 def test_promote_reevaluates_a_lucky_sweep_winner_on_the_teachers_episodes(smoke_run, tmp_path):

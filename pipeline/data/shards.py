@@ -227,6 +227,15 @@ def open_shards(uri: str, manifest: Manifest | None = None, episodes: set[str] |
     return cache_rows(ds, blocks, uri)
 
 
+def shuffle_each_epoch(data: ray.data.Dataset, seed: int) -> ray.data.Dataset:
+    """A global shuffle that Ray Data re-seeds on every execution, i.e. every epoch a Train worker reads:
+    seed=int repeated one order every epoch. The seed of epoch e is (seed, e), counted per dataset from 0,
+    so a restarted run (whose workers read from epoch 0 again) replays the same orders."""
+    from ray.data import RandomSeedConfig
+
+    return data.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+
+
 def split_episodes(manifest: Manifest, val_fraction: float) -> tuple[set[str], set[str]]:
     """(train ids, val ids): a hash ranking, so the split is the same on every run and machine."""
     if not 0.0 <= val_fraction < 1.0:

@@ -17,9 +17,10 @@ from pipeline.config import DistillSection, PipelineConfig, RouterSection
 from pipeline.data import storage
 from pipeline.data.augment import random_shift
 from pipeline.data.batches import Normalizer, to_model_batch
+from pipeline.data.ingest import quiet_ray_data
 from pipeline.data.labelled import check_teacher, open_labelled, read_labels
 from pipeline.data.manifest import Manifest, read_manifest
-from pipeline.data.shards import open_shards, split_episodes
+from pipeline.data.shards import open_shards, shuffle_each_epoch, split_episodes
 from pipeline.data.validate import validate_shards
 from pipeline.distill.objective import StudentObjective, teacher_targets
 from pipeline.errors import StaleInput
@@ -110,7 +111,7 @@ def student_fn_per_worker(loop_config: dict[str, Any]) -> None:
         b = to_model_batch(batch, normalizer, job.image_shape)
         targets = teacher_targets(batch, job.teacher_hash, student_cfg.num_layers) if cached else None
         # Shifts only in online mode (the config refuses them with cached labels): there the frozen teacher
-        # labels the same shifted images inside the objective. Seeded per micro-batch by run_steps.
+        # labels the same shifted images inside the objective. run_steps seeds it per rank and micro-batch.
         images = random_shift(b["images"], train.augment_shift)
         loss, parts, executed = engine(images.to(dtype), b["instructions"], b["proprio"].to(dtype),
                                        b["actions"], targets, objective.temperature(step))
@@ -152,7 +153,7 @@ def _datasets(cfg: PipelineConfig, manifest: Manifest, teacher_hash: str) -> dic
 
         def rows(ids: set[str]) -> ray.data.Dataset:
             return open_shards(paths.shards, manifest, episodes=ids, skip_rows=report.skip_rows)
-    datasets = {"train": rows(train_ids).random_shuffle(seed=cfg.run.seed)}
+    datasets = {"train": shuffle_each_epoch(rows(train_ids), cfg.run.seed)}
     if val_ids and cfg.distill.eval_every:
         datasets["val"] = rows(val_ids)
     return datasets
@@ -161,6 +162,7 @@ def _datasets(cfg: PipelineConfig, manifest: Manifest, teacher_hash: str) -> dic
 def fit_student(cfg: PipelineConfig, tracking: Tracking, student_uri: str, run: TrainRun,
                 reserved: float = 0.0, callbacks: list[Any] | None = None) -> DistillResult:
     """Labels or probes made by another teacher are refused before any worker starts."""
+    quiet_ray_data(cfg.run.verbose)   # a sweep trial runs this in a process of its own
     paths = RunPaths.of(cfg)
     teacher_uri, probes_uri = str(paths.teacher), str(paths.probes)
     teacher_card = read_policy_config(teacher_uri)

@@ -15,7 +15,7 @@ from pipeline.config import ModelSection, PipelineConfig, TrainSection
 from pipeline.data.augment import random_shift
 from pipeline.data.batches import Normalizer, to_model_batch
 from pipeline.data.manifest import read_manifest
-from pipeline.data.shards import open_shards, split_episodes
+from pipeline.data.shards import open_shards, shuffle_each_epoch, split_episodes
 from pipeline.data.validate import validate_shards
 from pipeline.models.checkpoint import PolicyCard, policy_hash
 from pipeline.models.hf_import import load_hf_backbone
@@ -75,9 +75,9 @@ def teacher_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
     def step_fn(batch: dict[str, np.ndarray], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         b = to_model_batch(batch, normalizer, job.image_shape)
-        images = random_shift(b["images"], job.train.augment_shift)  # seeded per micro-batch by run_steps
+        images = random_shift(b["images"], job.train.augment_shift)  # run_steps seeds it per rank and micro-batch
         loss = engine(images.to(dtype), b["instructions"], b["proprio"].to(dtype), b["actions"])
-        return loss, {"action_mse": float(loss)}
+        return loss, {"action_mse": float(loss.detach())}   # float() of a grad tensor: a UserWarning a step
 
     def state() -> dict[str, torch.Tensor]:
         return {k.removeprefix("vla."): v for k, v in full_state_dict(engine).items()}
@@ -93,7 +93,8 @@ def fit_teacher(cfg: PipelineConfig, tracking: Tracking, run: TrainRun) -> Teach
     report = validate_shards(paths.shards, manifest, cfg.data.on_bad_rows, cache_dir=paths.validation)
     train_ids, _ = split_episodes(manifest, cfg.data.val_fraction)
     data = open_shards(paths.shards, manifest, episodes=train_ids,
-                       skip_rows=report.skip_rows).random_shuffle(seed=cfg.run.seed)
+                       skip_rows=report.skip_rows)
+    data = shuffle_each_epoch(data, cfg.run.seed)
     card = PolicyCard.for_teacher(manifest, cfg.digest())
     job = TeacherJob(model=cfg.model, train=cfg.teacher,
                      vla=teacher_config(cfg.model, manifest.image_shape, manifest.proprio_dim, manifest.action_dim),

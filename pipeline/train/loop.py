@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -104,6 +105,39 @@ def _micro_batches(batch_size: int, count: int, skip: int, seed: int
         epoch += 1
 
 
+class Progress:
+    """Rank 0's one line per train.log_every optimizer steps on stdout (Ray forwards a worker's stdout to
+    the driver's): `teacher step 20/40  loss 0.4123  310 samples/s  ETA 0:01:05`."""
+
+    def __init__(self, name: str, steps: int, start: int, world_size: int, enabled: bool) -> None:
+        self.name, self.steps, self.start, self.world_size, self.enabled = name, steps, start, world_size, enabled
+        self.began = time.perf_counter()
+        self.losses: list[float] = []
+
+    def add(self, loss: torch.Tensor) -> None:
+        if self.enabled:
+            self.losses.append(float(loss.detach()))
+
+    def show(self, step: int, samples_per_s: float) -> None:
+        if not self.enabled:
+            return
+        per_step = (time.perf_counter() - self.began) / max(1, step - self.start)
+        eta = time.strftime("%H:%M:%S", time.gmtime(per_step * (self.steps - step)))
+        loss = float(np.mean(self.losses)) if self.losses else float("nan")
+        # sys.stdout, not print(): Ray Train patches print() in workers to tee into its logger (two lines).
+        sys.stdout.write(f"{self.name} step {step}/{self.steps}  loss {loss:.4f}  "
+                         f"{samples_per_s * self.world_size:.0f} samples/s  ETA {eta}\n")
+        sys.stdout.flush()
+        self.losses = []
+
+
+def micro_batch_seed(seed: int, rank: int, micro: int) -> int:
+    """The torch seed of one micro-batch on one rank: augmentation (random_shift) and any other draw in the
+    step differ across ranks (with the run seed and micro-batch alone, both ranks shifted their images by
+    the same offsets) and across micro-batches, yet a resumed run redraws exactly what it drew before."""
+    return int(np.random.SeedSequence((seed, rank, micro)).generate_state(1, np.uint64)[0] >> 1)
+
+
 def float_dtype(train: TrainSection) -> torch.dtype:
     return torch.bfloat16 if train.precision == "bf16" else torch.float32
 
@@ -153,19 +187,23 @@ def run_steps(engine: Any, train: TrainSection, seed: int, log: MetricLog, ledge
     """The optimizer-step loop both stages share: resume, accumulate, log, validate, checkpoint, finish.
 
     `step_fn(batch, step)` returns the micro-batch loss and its scalar parts; randomness is seeded per
-    micro-batch from (seed, index), so a resumed run draws exactly what an uninterrupted one would."""
+    micro-batch from (seed, rank, index), so a resumed run draws exactly what an uninterrupted one would."""
     accum = train.grad_accum
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
     step, last = _restore(engine)
+    progress = Progress(export.card.role or "train", train.steps, step, context.get_world_size(), enabled=rank == 0)
     history: list[dict[str, float]] = []
     window_start, window_rows, waited = time.perf_counter(), 0, 0.0
     ready = time.perf_counter()
     for micro, batch in enumerate(_micro_batches(train.batch_size, train.steps * accum, step * accum, seed),
                                   start=step * accum):
         waited += time.perf_counter() - ready
-        torch.manual_seed(seed * 1_000_003 + micro)
+        torch.manual_seed(micro_batch_seed(seed, rank, micro))
         loss, parts = step_fn(batch, step)
         engine.backward(loss)
         engine.step()
+        progress.add(loss)
         history.append(parts)
         ledger.add(batch)
         window_rows += len(batch["step"])
@@ -179,6 +217,7 @@ def run_steps(engine: Any, train: TrainSection, seed: int, log: MetricLog, ledge
             # samples/s of this rank, data waits included (what bench/train_overhead.py compares), and the
             # share of that time spent waiting for Ray Data: above ~0.05 the input pipeline is the bottleneck.
             elapsed = time.perf_counter() - window_start
+            progress.show(step, window_rows / elapsed)
             log.log({**_mean(recent, "train/"), "train/lr": engine.get_lr()[0],
                      "train/samples_per_s": window_rows / elapsed, "train/data_wait_fraction": waited / elapsed},
                     step)

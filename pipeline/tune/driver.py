@@ -83,7 +83,10 @@ def run_trials(cfg: PipelineConfig, space: dict[str, Any], parent_run_id: str) -
         trainable, param_space=space,
         tune_config=tune.TuneConfig(num_samples=cfg.sweep.num_samples, scheduler=scheduler(cfg),
                                     max_concurrent_trials=cfg.sweep.max_concurrent_trials),
-        run_config=tune.RunConfig(name=f"{cfg.run.name}-sweep", storage_path=str(RunPaths.of(cfg).ray)),
+        # verbose=0: no trial-status table every 30 s (~90 of the smoke run's lines); each trial's rank 0
+        # still prints its step lines, and the sweep logs the frontier. run.verbose=true: Tune's default (1).
+        run_config=tune.RunConfig(name=f"{cfg.run.name}-sweep", storage_path=str(RunPaths.of(cfg).ray),
+                                  verbose=1 if cfg.run.verbose else 0),
     )
     grid = tuner.fit()
     failed = [r for r in grid if r.error is not None]

@@ -38,6 +38,10 @@ class RunSection(_Section):
                                description="the Ray Train run name of an interrupted train-teacher or distill "
                                            "run to continue from its last checkpoint (the job prints it and tags "
                                            "it in MLflow as ray_run_name); null for a fresh run")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where train-teacher, distill, probe-teacher and evaluate compute: cpu (gloo), cuda "
+                            "(one GPU per Ray Train worker, NCCL) or auto (cuda when the Ray cluster, or this "
+                            "machine for a local Ray, has GPUs, else cpu)")
     verbose: bool = Field(False, description="true: Ray Data's progress bars and Ray's INFO/WARNING logs from its "
                                              "workers (`--verbose`); false: one progress line per training stage")
 
@@ -89,6 +93,9 @@ class ModelSection(_Section):
     num_kv_heads: int = Field(4, ge=1, description="key/value heads, dividing num_heads")
     intermediate_size: int = Field(128, ge=8, description="MLP width, e.g. 4 x hidden_size")
     patch_size: int = Field(16, ge=2, description="vision patch size in pixels, dividing collect.image_size")
+    attention: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa", description="the decoder's attention implementation: sdpa, flash_attention_2 (GPU with the "
+                            "flash_attn package; no dense mask is built) or eager")
     vision_stem: Literal["patch", "mlp"] = Field(
         "patch", description="patch (one strided conv) or mlp (4x4 patches -> 64 channels -> GELU -> patch_size)")
     vocab_size: int = Field(512, ge=16, description="hashed instruction-word buckets of a from-scratch teacher, "
@@ -113,7 +120,11 @@ class TrainSection(_Section):
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs reserved per worker; 0.5 leaves room "
                                                           "for Ray Data on 2 cores")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32 or bf16 (fp16 is refused on CPU)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32, bf16 or fp16 (GPU only, with DeepSpeed's dynamic loss scaling)")
+    activation_checkpointing: bool = Field(
+        False, description="true to recompute each decoder layer's activations in backward instead of keeping "
+                           "them (~1 extra forward of compute for ~L-fold less activation memory)")
     offload: Literal["none", "optimizer", "all"] = Field(
         "none", description="ZeRO offload to host RAM: none, optimizer (stage >= 1) or all (optimizer and "
                             "parameters, stage 3); `actdistill plan` says when a cluster needs it")
@@ -279,12 +290,27 @@ def _cross_checks(cfg: PipelineConfig) -> list[str]:
         problems.append(f"distill.train.augment_shift={cfg.distill.train.augment_shift}: cached teacher targets "
                         f"belong to the unshifted images; set distill.teacher_mode=online (the teacher labels "
                         f"the shifted images in each step) or augment_shift=0")
+    problems += _device_checks(cfg)
     if cfg.collect.image_size % m.patch_size:
         problems.append(f"model.patch_size={m.patch_size}: must divide collect.image_size="
                         f"{cfg.collect.image_size}; e.g. 8 or 16")
     if m.vision_stem == "mlp" and m.patch_size % 4:
         problems.append(f"model.patch_size={m.patch_size}: model.vision_stem=mlp needs a multiple of 4 "
                         f"(it patchifies 4x4 pixels first); e.g. 8 or 16, or model.vision_stem=patch")
+    return problems
+
+
+def _device_checks(cfg: PipelineConfig) -> list[str]:
+    """What run.device=cpu cannot run (auto is checked once it resolves, see pipeline/train/device.py)."""
+    if cfg.run.device != "cpu":
+        return []
+    problems = [f"{key}.precision=fp16: DeepSpeed refuses fp16 on CPU (run.device=cpu); set {key}.precision=bf16 "
+                f"or fp32, or run.device=cuda on a GPU machine"
+                for key, train in (("teacher", cfg.teacher), ("distill.train", cfg.distill.train))
+                if train.precision == "fp16"]
+    if cfg.model.attention == "flash_attention_2":
+        problems.append("model.attention=flash_attention_2: FlashAttention runs on GPUs only (run.device=cpu); set "
+                        "model.attention=sdpa, or run.device=cuda on a GPU machine with flash_attn installed")
     return problems
 
 

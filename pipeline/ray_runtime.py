@@ -11,12 +11,13 @@ import ray
 
 from pipeline.config import PipelineConfig
 from pipeline.data.ingest import quiet_ray_data
+from pipeline.train.device import BASE_WORKER_ENV, worker_env
 
 log = logging.getLogger(__name__)
 
-# Worker processes must not JIT-compile DeepSpeed's shm all-reduce op (~50 s on a fresh machine;
-# training uses gloo) and must render Meta-World on the CPU.
-WORKER_ENV = {"DS_ACCELERATOR": "cpu", "MUJOCO_GL": "egl", "TOKENIZERS_PARALLELISM": "false"}
+# Every worker's env vars whatever the device (submitted jobs carry them too); start_ray adds
+# DS_ACCELERATOR=cpu on a CPU run (pipeline/train/device.py worker_env).
+WORKER_ENV = BASE_WORKER_ENV
 
 # Seconds to wait for a named cluster's head to accept a connection; Ray itself retries for minutes.
 CONNECT_TIMEOUT_S = 5.0
@@ -63,7 +64,9 @@ def start_ray(cfg: PipelineConfig) -> None:
     quiet_ray_data(cfg.run.verbose)
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": WORKER_ENV}
+    # Workers render Meta-World on the CPU; DS_ACCELERATOR=cpu only on a CPU run (a local cuda run without a
+    # GPU fails here, before Ray starts).
+    runtime_env = {"env_vars": worker_env(cfg, local=cluster_address(cfg) is None)}
     # Ray's workers (Train controller, Data coordinators) log ~20 INFO/WARNING lines a fit, repeated each
     # few seconds ("PlacementGroupCleaner ... State API"); errors still reach the terminal.
     logging_config = ray.LoggingConfig(log_level="INFO" if cfg.run.verbose else "ERROR")

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import ray.data
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 
@@ -30,6 +31,7 @@ from pipeline.models.student import DistillModule, derive_student
 from pipeline.models.vla import VLA
 from pipeline.ray_runtime import is_local
 from pipeline.stages import RunPaths
+from pipeline.train.device import move, placement, resolve_device
 from pipeline.train.driver import TrainRun, fit, publish_policy
 from pipeline.train.engine import full_state_dict, make_engine
 from pipeline.train.loop import Export, Ledger, MetricLog, Tracking, float_dtype, run_steps
@@ -50,6 +52,7 @@ class StudentJob:
     seed: int
     eval_every: int = 0                    # distill.eval_every, or 0 when there are no held-out episodes
     ledger_dir: str | None = None          # where rank r appends rank{r}.jsonl (train.ledger); None: no ledger
+    attention: str = "sdpa"                # model.attention: the decoder's attention implementation
 
 
 @dataclass(frozen=True)
@@ -98,9 +101,15 @@ def student_fn_per_worker(loop_config: dict[str, Any]) -> None:
     train = job.distill.train
     torch.manual_seed(job.seed)
     objective, teacher_card = _student_objective(job)
+    for vla in (objective.distill.student, objective.teacher):   # the teacher: online mode only
+        if vla is not None:
+            vla.set_attention(job.attention)
+    if train.activation_checkpointing:
+        objective.distill.student.checkpoint_layers()
     student_cfg = objective.distill.student.cfg
     own_lr = {"distill.student.router": job.router.lr} if job.router.lr else None
-    engine, _ = make_engine(objective, train, own_lr)
+    device = ray.train.torch.get_device()   # this worker's GPU when the driver asked for GPUs, else cpu
+    engine, _ = make_engine(objective, train, own_lr, device=device)
     normalizer = Normalizer.from_dict(teacher_card.normalizer)
     rank = ray.train.get_context().get_world_rank()
     log = MetricLog(job.tracking, rank == 0)
@@ -109,13 +118,14 @@ def student_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
     def step_fn(batch: dict[str, np.ndarray], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         b = to_model_batch(batch, normalizer, job.image_shape)
-        targets = teacher_targets(batch, job.teacher_hash, student_cfg.num_layers) if cached else None
+        targets = move(teacher_targets(batch, job.teacher_hash, student_cfg.num_layers), device) if cached else None
         # Shifts only in online mode (the config refuses them with cached labels): there the frozen teacher
         # labels the same shifted images inside the objective. run_steps seeds it per rank and micro-batch.
         images = random_shift(b["images"], train.augment_shift)
-        loss, parts, executed = engine(images.to(dtype), b["instructions"], b["proprio"].to(dtype),
-                                       b["actions"], targets, objective.temperature(step))
-        return loss, {**parts, "executed_fraction": float(executed)}
+        images, proprio = images.to(device, dtype), b["proprio"].to(device, dtype)
+        loss, parts, executed = engine(images, b["instructions"], proprio, b["actions"].to(device), targets,
+                                       objective.temperature(step))
+        return loss, {**parts, "executed_fraction": float(executed), **placement(engine, device, images, proprio)}
 
     def eval_fn(step: int) -> dict[str, float]:
         val = _val_action_mse(engine.module.distill.student, normalizer, job, dtype)
@@ -176,9 +186,9 @@ def fit_student(cfg: PipelineConfig, tracking: Tracking, student_uri: str, run: 
     job = StudentJob(router=cfg.router, distill=cfg.distill, teacher_uri=teacher_uri, teacher_hash=teacher_card.hash,
                      probes_uri=probes_uri, image_shape=tuple(manifest.image_shape), card=card, tracking=tracking,
                      seed=cfg.run.seed, eval_every=cfg.distill.eval_every if "val" in datasets else 0,
-                     ledger_dir=run.ledger_dir if cfg.distill.train.ledger else None)
+                     ledger_dir=run.ledger_dir if cfg.distill.train.ledger else None, attention=cfg.model.attention)
     metrics, checkpoint = fit(student_fn_per_worker, job, datasets, cfg.distill.train, run,
-                              local=is_local(cfg), reserved=reserved, callbacks=callbacks)
+                              local=is_local(cfg), reserved=reserved, callbacks=callbacks, device=resolve_device(cfg))
     publish_policy(checkpoint, student_uri)
     return DistillResult(student_uri=student_uri, teacher_hash=teacher_card.hash,
                          metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})

@@ -67,6 +67,9 @@ class VLAConfig(BaseModel):
         return self.num_patches + self.max_instruction_tokens + 2
 
 
+# model.attention's choices; pipeline/config.py ModelSection.attention lists the same names.
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+
 STEM_FIRST, STEM_WIDTH = 4, 64   # the mlp stem's first patchify (pixels) and its channel width
 
 
@@ -158,16 +161,40 @@ class VLA(nn.Module):
         self.action_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.action_dim))
         # The decoder's sdpa mask, causal part: built once (see _attention_mask); None where the decoder must
         # build its own. Not saved with the weights.
-        window = getattr(hf_cfg, "sliding_window", None)
-        prepared = (hf_cfg._attn_implementation == "sdpa" and (window is None or window >= cfg.seq_len)
-                    and not getattr(hf_cfg, "use_bidirectional_attention", False))
-        causal = torch.ones(cfg.seq_len, cfg.seq_len, dtype=torch.bool).tril() if prepared else None
-        self.register_buffer("causal", causal, persistent=False)
+        self.register_buffer("causal", self._prepared_causal(), persistent=False)
         self.router: Router | StaticRouter | None = None
         if cfg.router_hidden:
             self.router = Router(d, cfg.router_hidden, cfg.num_layers)
         elif cfg.static_layers:
             self.router = StaticRouter(cfg.static_layers, cfg.num_layers)
+
+    def _prepared_causal(self) -> torch.Tensor | None:
+        hf_cfg, n = self.backbone.config, self.cfg.seq_len
+        window = getattr(hf_cfg, "sliding_window", None)
+        prepared = (hf_cfg._attn_implementation == "sdpa" and (window is None or window >= n)
+                    and not getattr(hf_cfg, "use_bidirectional_attention", False))
+        return torch.ones(n, n, dtype=torch.bool).tril() if prepared else None
+
+    def set_attention(self, implementation: str) -> VLA:
+        """The decoder's attention implementation (model.attention): sdpa (built with it), flash_attention_2 (GPU,
+        flash_attn; gets the B x N padding mask, no N x N mask is built) or eager. A run-time choice, not part of
+        the checkpoint: the same weights run under any of them."""
+        if implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise KeyError(f"unknown attention implementation {implementation!r} (model.attention); choose one of "
+                           f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+        # The attention modules read the config's implementation at every call (transformers 5.23).
+        self.backbone.config._attn_implementation = implementation
+        causal = self._prepared_causal()
+        self.causal = causal.to(self.action_query.device) if causal is not None else None
+        return self
+
+    def checkpoint_layers(self) -> VLA:
+        """Activation checkpointing (train.activation_checkpointing): each inner Hugging Face decoder layer (a
+        GradientCheckpointingLayer) keeps only its inputs and recomputes its forward in backward. Our GatedLayer
+        wrapper stays outside the checkpoint: its per-forward gate state is thread-local, and autograd may run
+        the recompute on another thread, where that state would not be visible."""
+        self.backbone.activation_checkpointing_enable()
+        return self
 
     def embed(self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -223,8 +250,9 @@ class VLA(nn.Module):
     def _attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """The decoder's B x 1 x N x N boolean mask (causal, padding keys masked), the one its sdpa path
         builds from the B x N token mask, in one tensor op: the decoder's own builder cost ~0.2 ms of a
-        ~3 ms batch-1 student call. Another attention implementation (eager wants an additive float
-        mask) or a sliding window shorter than the sequence: the decoder builds its own."""
+        ~3 ms batch-1 student call. Another attention implementation or a sliding window shorter than the
+        sequence: the B x N mask itself, from which eager builds its additive mask and flash_attention_2 takes
+        the padding lengths (or None when nothing is padded) without any N x N mask."""
         if self.causal is None:
             return mask
         return self.causal & mask.bool()[:, None, None, :]

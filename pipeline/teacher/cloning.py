@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import ray.train
+import ray.train.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +23,7 @@ from pipeline.models.hf_import import load_hf_backbone
 from pipeline.models.vla import VLA, VLAConfig, teacher_config
 from pipeline.ray_runtime import is_local
 from pipeline.stages import RunPaths
+from pipeline.train.device import placement, resolve_device
 from pipeline.train.driver import TrainRun, fit, publish_policy
 from pipeline.train.engine import full_state_dict, make_engine
 from pipeline.train.loop import Export, Ledger, MetricLog, Tracking, float_dtype, run_steps
@@ -65,10 +67,13 @@ def teacher_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """Behaviour cloning of the teacher VLA on expert actions (normalised MSE)."""
     job: TeacherJob = loop_config["job"]
     torch.manual_seed(job.seed)  # identical initial weights on every rank
-    vla = VLA(job.vla)
+    vla = VLA(job.vla).set_attention(job.model.attention)
     if job.model.pretrained_backbone:
         load_hf_backbone(vla, job.model.pretrained_backbone)
-    engine, _ = make_engine(_TeacherObjective(vla), job.train)
+    if job.train.activation_checkpointing:
+        vla.checkpoint_layers()
+    device = ray.train.torch.get_device()   # this worker's GPU when the driver asked for GPUs, else cpu
+    engine, _ = make_engine(_TeacherObjective(vla), job.train, device=device)
     normalizer = Normalizer.from_dict(job.card.normalizer)
     rank = ray.train.get_context().get_world_rank()
     dtype = float_dtype(job.train)
@@ -76,8 +81,10 @@ def teacher_fn_per_worker(loop_config: dict[str, Any]) -> None:
     def step_fn(batch: dict[str, np.ndarray], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         b = to_model_batch(batch, normalizer, job.image_shape)
         images = random_shift(b["images"], job.train.augment_shift)  # run_steps seeds it per rank and micro-batch
-        loss = engine(images.to(dtype), b["instructions"], b["proprio"].to(dtype), b["actions"])
-        return loss, {"action_mse": float(loss.detach())}   # float() of a grad tensor: a UserWarning a step
+        images, proprio = images.to(device, dtype), b["proprio"].to(device, dtype)
+        loss = engine(images, b["instructions"], proprio, b["actions"].to(device))
+        # float() of a grad tensor: a UserWarning a step. placement: GPU runs only (bench/gpu_check.py reads it).
+        return loss, {"action_mse": float(loss.detach()), **placement(engine, device, images, proprio)}
 
     def state() -> dict[str, torch.Tensor]:
         return {k.removeprefix("vla."): v for k, v in full_state_dict(engine).items()}
@@ -100,7 +107,8 @@ def fit_teacher(cfg: PipelineConfig, tracking: Tracking, run: TrainRun) -> Teach
                      vla=teacher_config(cfg.model, manifest.image_shape, manifest.proprio_dim, manifest.action_dim),
                      image_shape=tuple(manifest.image_shape), card=card, tracking=tracking, seed=cfg.run.seed,
                      ledger_dir=run.ledger_dir if cfg.teacher.ledger else None)
-    metrics, checkpoint = fit(teacher_fn_per_worker, job, {"train": data}, cfg.teacher, run, local=is_local(cfg))
+    metrics, checkpoint = fit(teacher_fn_per_worker, job, {"train": data}, cfg.teacher, run, local=is_local(cfg),
+                              device=resolve_device(cfg))
     uri = str(paths.teacher)
     publish_policy(checkpoint, uri)
     return TeacherResult(uri=uri, teacher_hash=policy_hash(uri), final_action_mse=metrics["final_action_mse"],

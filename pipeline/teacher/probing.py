@@ -25,6 +25,7 @@ from pipeline.models.checkpoint import load_policy, load_probes, save_probes
 from pipeline.models.graph import ProbeSet
 from pipeline.models.vla import VLA
 from pipeline.stages import RunPaths
+from pipeline.train.device import move, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,13 @@ def _teacher_hidden(teacher: VLA, b: dict[str, Any]) -> tuple[list[torch.Tensor]
 
 
 def fit_probes(teacher: VLA, probes: ProbeSet, data: ray.data.Dataset, cfg: ProbeSection,
-               normalizer: Normalizer, image_shape: tuple[int, int, int], seed: int) -> list[float]:
-    """mean_l MSE(a_l, a_gt) with the teacher frozen; returns the loss per step."""
+               normalizer: Normalizer, image_shape: tuple[int, int, int], seed: int,
+               device: torch.device | None = None) -> list[float]:
+    """mean_l MSE(a_l, a_gt) with the teacher frozen, on `device` (None: cpu); returns the loss per step."""
+    device = device or torch.device("cpu")
     torch.manual_seed(seed)
+    teacher.to(device)
+    probes.to(device)
     teacher.eval().requires_grad_(False)
     probes.train()
     optimizer = torch.optim.AdamW(probes.parameters(), lr=cfg.lr)
@@ -54,7 +59,8 @@ def fit_probes(teacher: VLA, probes: ProbeSet, data: ray.data.Dataset, cfg: Prob
         for batch in data.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
                                        local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=seed):
             seen += 1
-            losses.append(_probe_step(teacher, probes, optimizer, to_model_batch(batch, normalizer, image_shape)))
+            b = move(to_model_batch(batch, normalizer, image_shape), device)
+            losses.append(_probe_step(teacher, probes, optimizer, b))
             if len(losses) == cfg.steps:
                 break
         if seen == 0:
@@ -78,19 +84,21 @@ class TeacherLabeler:
     teacher_action (A, the teacher's own output) per row."""
 
     def __init__(self, teacher_uri: str, probes_uri: str, teacher_hash: str,
-                 image_shape: tuple[int, int, int]) -> None:
+                 image_shape: tuple[int, int, int], device: str = "cpu", attention: str = "sdpa") -> None:
         torch.set_num_threads(1)
+        self.device = torch.device(device)   # cuda: the one GPU Ray gave this actor (visible as cuda:0)
         self.teacher, card = load_policy(teacher_uri)
+        self.teacher.set_attention(attention).to(self.device)
         self.probes, _ = load_probes(probes_uri)
-        self.probes.eval()
+        self.probes.eval().to(self.device)
         self.normalizer = Normalizer.from_dict(card.normalizer)
         self.teacher_hash, self.image_shape = teacher_hash, image_shape
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        b = to_model_batch(batch, self.normalizer, self.image_shape)
+        b = move(to_model_batch(batch, self.normalizer, self.image_shape), self.device)
         hidden, mask, action = _teacher_hidden(self.teacher, b)
-        sem, act = self.probes(hidden, mask)                # L x B x S, L x B x A
+        sem, act, action = (t.float().cpu() for t in (*self.probes(hidden, mask), action))  # L x B x S, L x B x A
         rows = len(b["instructions"])
         out = dict(batch)
         out["teacher_hash"] = np.full(rows, self.teacher_hash)
@@ -103,11 +111,15 @@ class TeacherLabeler:
 
 
 def label_rows(data: ray.data.Dataset, teacher_uri: str, probes_uri: str, teacher_hash: str,
-               image_shape: tuple[int, int, int], batch_size: int) -> ray.data.Dataset:
+               image_shape: tuple[int, int, int], batch_size: int, device: str = "cpu",
+               attention: str = "sdpa") -> ray.data.Dataset:
+    """One labelling actor: 1 CPU, and on cuda 1 GPU too."""
     return data.map_batches(TeacherLabeler, batch_format="numpy", batch_size=batch_size,
                             fn_constructor_kwargs=dict(teacher_uri=teacher_uri, probes_uri=probes_uri,
-                                                       teacher_hash=teacher_hash, image_shape=image_shape),
-                            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
+                                                       teacher_hash=teacher_hash, image_shape=image_shape,
+                                                       device=device, attention=attention),
+                            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1,
+                            num_gpus=1 if device == "cuda" else 0)
 
 
 @dataclass(frozen=True)
@@ -130,7 +142,9 @@ def probe_teacher(cfg: PipelineConfig) -> ProbeResult:
     # Same checks as train-teacher (stored in the run, so a later stage reuses them): a bad shard stops the
     # job naming file, row and fix, or with data.on_bad_rows=skip its bad rows are left out and counted.
     report = validate_shards(paths.shards, manifest, cfg.data.on_bad_rows, cache_dir=paths.validation)
+    device = resolve_device(cfg)
     teacher, card = load_policy(teacher_uri)
+    teacher.set_attention(cfg.model.attention)
     if manifest.content_hash != card.data_content_hash:
         raise ValueError(f"the teacher at {teacher_uri} was trained on data {card.data_content_hash}, but "
                          f"{paths.shards} holds {manifest.content_hash}; re-run train-teacher")
@@ -141,12 +155,15 @@ def probe_teacher(cfg: PipelineConfig) -> ProbeResult:
     torch.manual_seed(cfg.run.seed)
     probes = new_probes(teacher, cfg.model)
     train_rows = open_shards(paths.shards, manifest, episodes=train_ids, skip_rows=report.skip_rows)
+    # The probes train in this (driver) process: on its GPU when the run is on cuda and it has one.
+    here = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
     losses = fit_probes(teacher, probes, train_rows, cfg.probe, Normalizer.from_dict(card.normalizer),
-                        image_shape, cfg.run.seed)
-    save_probes(probes, probes_uri, {"teacher_hash": card.hash})
+                        image_shape, cfg.run.seed, here)
+    save_probes(probes.cpu(), probes_uri, {"teacher_hash": card.hash})
     clear(paths.labelled)
     labelled = label_rows(open_shards(paths.shards, manifest, skip_rows=report.skip_rows, cache=False),
-                          teacher_uri, probes_uri, card.hash, image_shape, cfg.probe.batch_size)
+                          teacher_uri, probes_uri, card.hash, image_shape, cfg.probe.batch_size, device,
+                          cfg.model.attention)
     labelled.write_parquet(paths.labelled)
     # Counted from the files as written (one pass, nothing cached); bad rows left out are not expected.
     written, expected = open_labelled(paths.labelled, cache=False).count(), manifest.num_steps - report.num_bad

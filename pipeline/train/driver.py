@@ -22,6 +22,7 @@ from pipeline.config import PipelineConfig, TrainSection
 from pipeline.data import storage
 from pipeline.models.checkpoint import CONFIG, WEIGHTS
 from pipeline.stages import RunPaths, inputs, inputs_digest
+from pipeline.train.device import Device
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +112,18 @@ def check_room_for_data(train: TrainSection, also_reserved: float = 0.0) -> None
             f"cpus_per_worker")
 
 
+def scaling(train: TrainSection, device: Device) -> ScalingConfig:
+    """train.num_workers workers of train.cpus_per_worker CPUs each, and on cuda one GPU each."""
+    gpu = device == "cuda"
+    resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+    return ScalingConfig(num_workers=train.num_workers, use_gpu=gpu, resources_per_worker=resources)
+
+
 def fit(train_fn: Callable[[dict[str, Any]], None], job: Any, datasets: dict[str, ray.data.Dataset],
         train: TrainSection, run: TrainRun, local: bool, reserved: float = 0.0,
-        callbacks: list[Any] | None = None) -> tuple[dict[str, Any], Checkpoint]:
-    """Run `train_fn` on `train.num_workers` gloo workers; returns rank 0's metrics and its last checkpoint.
+        callbacks: list[Any] | None = None, device: Device = "cpu") -> tuple[dict[str, Any], Checkpoint]:
+    """Run `train_fn` on `train.num_workers` workers (gloo on CPU; on cuda one GPU each and NCCL; the device
+    comes from resolve_device); returns rank 0's metrics and its last checkpoint.
 
     A worker failure restarts the whole worker group from the last checkpoint, up to train.max_failures
     times; the last train.keep_checkpoints checkpoints stay on storage."""
@@ -123,9 +132,8 @@ def fit(train_fn: Callable[[dict[str, Any]], None], job: Any, datasets: dict[str
     trainer = TorchTrainer(
         train_fn,
         train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=False,
-                                     resources_per_worker={"CPU": train.cpus_per_worker}),
-        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=scaling(train, device),
+        torch_config=TorchConfig(backend="nccl" if device == "cuda" else "gloo"),
         datasets=datasets,
         dataset_config=replayable_data_config(),
         run_config=RunConfig(name=run.name, storage_path=str(run.storage_path), callbacks=callbacks or [],

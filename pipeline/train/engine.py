@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import importlib
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -14,8 +15,8 @@ from torch import nn
 from pipeline.config import TrainSection
 
 
-def deepspeed_config(train: TrainSection) -> dict[str, Any]:
-    """The DeepSpeed JSON config for one job (also what `plan` writes for a cluster)."""
+def deepspeed_config(train: TrainSection, device: str = "cpu") -> dict[str, Any]:
+    """The DeepSpeed JSON config for one job on `device` (cpu or cuda; also what `plan` writes for a cluster)."""
     zero: dict[str, Any] = {"stage": train.zero_stage}
     host = {"device": "cpu", "pin_memory": True}
     if train.offload in ("optimizer", "all"):
@@ -33,10 +34,18 @@ def deepspeed_config(train: TrainSection) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if train.offload != "none":
+    if train.precision == "fp16":
+        # loss_scale 0: dynamic loss scaling from 2^16, halved on overflow (that step skipped), doubled after
+        # 1000 clean steps.
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                          "hysteresis": 2, "min_loss_scale": 1}
+    if train.offload != "none" and device == "cpu":
         # DeepSpeed refuses a client optimizer under offload unless told it is intended (its own
         # DeepSpeedCPUAdam is documented as 5-7x faster than torch's AdamW on the CPU side).
         config["zero_force_ds_cpu_optimizer"] = False
+    elif train.offload != "none":
+        # On GPUs the offloaded optimizer is DeepSpeed's own CPU Adam (built once, ~1 min JIT, then cached).
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": train.lr, "weight_decay": train.weight_decay}}
     return config
 
 
@@ -55,6 +64,24 @@ def _skip_shm_comm_build() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
+def _match_accelerator(kind: str) -> None:
+    """DeepSpeed places the engine on its accelerator, which it picks per process (DS_ACCELERATOR, else CUDA if
+    torch sees a GPU). A CPU run on a GPU machine must not land on the GPU, nor a GPU run on the CPU: the
+    worker's device decides. A no-op when they agree (every CPU run here)."""
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+
+    if get_accelerator().device_name() == kind:
+        return
+    if kind == "cuda":
+        from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+
+        set_accelerator(CUDA_Accelerator())
+    else:
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+        set_accelerator(CPU_Accelerator())
+
+
 def param_groups(model: nn.Module, own_lr: dict[str, float]) -> list[dict[str, Any]]:
     """Trainable parameters in AdamW groups: those under a module prefix in `own_lr` at that peak LR,
     the rest in the first group (at the optimizer's default, train.lr)."""
@@ -65,21 +92,38 @@ def param_groups(model: nn.Module, own_lr: dict[str, float]) -> list[dict[str, A
     return [{"params": groups[""]}, *({"params": groups[pre], "lr": lr} for pre, lr in own_lr.items() if groups[pre])]
 
 
-def make_engine(model: nn.Module, train: TrainSection, own_lr: dict[str, float] | None = None
-                ) -> tuple[Any, torch.optim.Optimizer]:
-    """Wrap `model` in a DeepSpeed engine on the process group Ray Train already set up (gloo).
+def make_engine(model: nn.Module, train: TrainSection, own_lr: dict[str, float] | None = None,
+                device: torch.device | None = None) -> tuple[Any, torch.optim.Optimizer]:
+    """Wrap `model` in a DeepSpeed engine on the process group Ray Train already set up (gloo on CPU, NCCL on
+    GPUs) and on this worker's `device` (ray.train.torch.get_device(); None: cpu).
 
     own_lr: module prefix -> peak LR for parameters that learn at another rate than train.lr (the
     router); the warm-up + cosine schedule scales every group alike."""
+    device = device or torch.device("cpu")
     _skip_shm_comm_build()
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    optimizer = torch.optim.AdamW(param_groups(model, own_lr or {}), lr=train.lr, weight_decay=train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, train.warmup_steps, train.steps))
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=deepspeed_config(train))
+    gpu = device.type == "cuda"
+    _match_accelerator(device.type)
+    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
+    ds_config = deepspeed_config(train, device.type)
+    groups = param_groups(model.to(device), own_lr or {})
+
+    def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, train.warmup_steps,
+                                                                                      train.steps))
+
+    # DeepSpeed puts the engine on GPU LOCAL_RANK unless told otherwise; Ray Train's device for this worker is
+    # the GPU Ray assigned it, which need not be the local rank's index.
+    args = SimpleNamespace(device_rank=device.index or 0) if gpu else None
+    if "optimizer" in ds_config:   # GPU + offload: DeepSpeedCPUAdam from the config, over our param groups
+        engine, optimizer, _, _ = deepspeed.initialize(args=args, model=model, model_parameters=groups,
+                                                       lr_scheduler=schedule, config=ds_config)
+        return engine, optimizer
+    # fused=True on GPU: one kernel for all parameters instead of a few per tensor; on CPU today's AdamW.
+    optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, fused=gpu or None)
+    engine, optimizer, _, _ = deepspeed.initialize(args=args, model=model, optimizer=optimizer,
+                                                   lr_scheduler=schedule(optimizer), config=ds_config)
     return engine, optimizer
 
 

@@ -139,7 +139,7 @@ def micro_batch_seed(seed: int, rank: int, micro: int) -> int:
 
 
 def float_dtype(train: TrainSection) -> torch.dtype:
-    return torch.bfloat16 if train.precision == "bf16" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision, torch.float32)
 
 
 def _restore(engine: Any) -> tuple[int, dict[str, float]]:

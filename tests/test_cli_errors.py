@@ -67,3 +67,15 @@ def test_a_user_error_inside_a_train_worker_is_unwrapped(capsys):
     assert cli.run_cli(job, "collect", ["--config", SMOKE]) == 1
     [line] = error_lines(capsys)
     assert line.startswith("error: runs/x/shards/shard-00001.parquet is not a readable Parquet file")
+
+
+def test_a_missing_checkpoint_or_model_folder_read_inside_a_job_is_a_known_error(tmp_path):
+    # Raised inside a Ray worker (e.g. an online distill reading the probes), these reach the CLI wrapped:
+    # as MissingInput (still a FileNotFoundError for callers that catch that) they print one line.
+    from pipeline.models.checkpoint import read_policy_config
+    from pipeline.models.hf_import import read_hf_config
+
+    for read in (read_policy_config, read_hf_config):
+        with pytest.raises(MissingInput, match="not found") as err:
+            read(str(tmp_path / "absent"))
+        assert isinstance(err.value, FileNotFoundError) and find_user_error(err.value) is err.value

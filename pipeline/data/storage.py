@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import pyarrow.fs as pafs
 
-from pipeline.errors import UserError
+from pipeline.errors import MissingInput, UserError
 
 _S3 = "s3://"
 _FILE = "file://"
@@ -142,14 +142,14 @@ def read_bytes(uri: str) -> bytes:
     try:
         return _call(uri, read)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{uri} does not exist; check the URI or run the stage that writes it") from None
+        raise MissingInput(f"{uri} does not exist; check the URI or run the stage that writes it") from None
 
 
 def copy_dir(local_dir: str | Path, uri: str) -> None:
     """Copy a local folder's contents (recursively) into a local folder or under an s3:// prefix."""
     src = Path(local_dir)
     if not src.is_dir():
-        raise FileNotFoundError(f"{src} is not a folder; nothing to copy to {uri}")
+        raise MissingInput(f"{src} is not a folder; nothing to copy to {uri}")
 
     def copy(fs: pafs.FileSystem, path: str) -> None:
         if isinstance(fs, pafs.LocalFileSystem):

@@ -13,6 +13,7 @@ from safetensors.torch import load, save
 from pipeline.data import storage
 from pipeline.data.batches import Normalizer
 from pipeline.data.manifest import Manifest
+from pipeline.errors import MissingInput
 from pipeline.models.graph import ProbeSet
 from pipeline.models.vla import VLA, VLAConfig
 
@@ -77,7 +78,7 @@ def save_policy(model: VLA, uri: str, card: PolicyCard) -> str:
 def read_policy_config(uri: str) -> PolicyCard:
     path = storage.join(uri, CONFIG)
     if not storage.exists(path):
-        raise FileNotFoundError(f"{path} not found: {uri} is not a policy checkpoint "
+        raise MissingInput(f"{path} not found: {uri} is not a policy checkpoint "
                                 f"(expected {CONFIG} and {WEIGHTS}); run the stage that writes it first")
     return PolicyCard.model_validate_json(storage.read_bytes(path))
 
@@ -108,7 +109,7 @@ def read_probes_config(uri: str) -> dict[str, Any]:
     """probes.json: the probe dims and the hash of the teacher they were trained on."""
     path = storage.join(uri, PROBES_CONFIG)
     if not storage.exists(path):
-        raise FileNotFoundError(f"{path} not found; run `actdistill probe-teacher` first")
+        raise MissingInput(f"{path} not found; run `actdistill probe-teacher` first")
     return json.loads(storage.read_bytes(path))
 
 

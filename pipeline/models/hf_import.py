@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load
 
 from pipeline.data import storage
+from pipeline.errors import MissingInput
 from pipeline.models.backbones import BACKBONES, backbone_dims
 from pipeline.models.tokenizer import read_tokenizer_files
 from pipeline.models.vla import VLA
@@ -26,7 +27,7 @@ _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
 def read_hf_config(uri: str) -> dict[str, Any]:
     path = storage.join(uri, "config.json")
     if not storage.exists(path):
-        raise FileNotFoundError(f"{path} not found: {uri} is not a Hugging Face model folder "
+        raise MissingInput(f"{path} not found: {uri} is not a Hugging Face model folder "
                                 f"(expected config.json and model.safetensors)")
     config = json.loads(storage.read_bytes(path))
     if config.get("model_type") not in BACKBONES:
@@ -47,7 +48,7 @@ def _shard_names(uri: str) -> list[str]:
         return sorted(set(index["weight_map"].values()))
     if storage.exists(storage.join(uri, SINGLE)):
         return [SINGLE]
-    raise FileNotFoundError(f"{uri} holds neither {SINGLE} nor {INDEX}; export the model with "
+    raise MissingInput(f"{uri} holds neither {SINGLE} nor {INDEX}; export the model with "
                             f"save_pretrained(..., safe_serialization=True)")
 
 

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline.data import storage
+from pipeline.errors import MissingInput
 
 # Files a Hugging Face tokenizer may consist of (any of them makes a folder tokenizable).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -44,7 +45,7 @@ def read_tokenizer_files(uri: str, hf_config: dict[str, Any]) -> dict[str, str]:
     """The backbone folder's tokenizer as the text files `save_pretrained` writes (name -> content)."""
     present = [name for name in TOKENIZER_FILES if storage.exists(storage.join(uri, name))]
     if not present:
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{uri} holds no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}); a pretrained backbone "
             f"reads instructions with its own tokenizer: save it into the folder with "
             f"AutoTokenizer.from_pretrained(<source>).save_pretrained('{uri}')")

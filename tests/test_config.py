@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -60,14 +59,12 @@ def test_sweep_overrides_build_a_new_validated_config():
 def test_a_job_with_a_bad_config_fails_before_any_ray_work(tmp_path, entry):
     path = tmp_path / "bad.yaml"
     path.write_text(BAD)
-    started = time.perf_counter()
     proc = subprocess.run([sys.executable, *entry, "--config", str(path), f"run.run_dir={tmp_path / 'run'}"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "3 problem(s)" in proc.stderr and "router.budget=1.4" in proc.stderr
     assert "Ray" not in proc.stdout + proc.stderr.split("problem(s)")[0]
     assert not (tmp_path / "run").exists()      # nothing was written: no Ray, no MLflow store
-    assert time.perf_counter() - started < 60
 
 
 def test_offload_needs_a_zero_stage_that_can_offload():

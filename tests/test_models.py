@@ -180,6 +180,17 @@ def test_flops_are_linear_in_executed_layers_and_match_torchs_flop_counter():
         pytest.approx(1.5 * decoder_layer_flops(teacher.cfg))
 
 
+def test_flops_count_attention_at_heads_times_head_dim_when_a_pretrained_config_sets_it():
+    # Gemma-7B-like: head_dim x heads (4 x 16 = 64) is twice the hidden size (32).
+    base = tiny(backbone="gemma", layers=2)
+    hf = {"model_type": "gemma", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 64, "head_dim": 16}
+    teacher = VLA(base.model_copy(update={"hf_config": hf})).eval()
+    counter, _ = counted_flops(teacher)
+    assert sum(counter.get_flop_counts()["VLA.backbone.layers.0"].values()) == decoder_layer_flops(teacher.cfg)
+    assert decoder_layer_flops(teacher.cfg) > decoder_layer_flops(base)
+
+
 def test_mlp_stem_is_two_strided_convs_with_a_gelu_and_its_flops_are_counted_exactly():
     from torch.utils.flop_counter import FlopCounterMode
 

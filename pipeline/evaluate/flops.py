@@ -9,12 +9,18 @@ from __future__ import annotations
 from pipeline.models.vla import STEM_FIRST, STEM_WIDTH, VLAConfig
 
 
+def head_dim(cfg: VLAConfig) -> int:
+    """A pretrained config may set head_dim apart from hidden/heads (Gemma-7B: 16 x 256 = 4096 on a 3072-wide
+    model), and the attention's width is heads x head_dim, not the hidden size."""
+    return int((cfg.hf_config or {}).get("head_dim") or cfg.hidden_size // cfg.num_heads)
+
+
 def decoder_layer_flops(cfg: VLAConfig) -> int:
     """One decoder layer over the full sequence: q/k/v/o projections, attention, gated MLP."""
     n, d, f = cfg.seq_len, cfg.hidden_size, cfg.intermediate_size
-    kv = d // cfg.num_heads * cfg.num_kv_heads
-    projections = 2 * n * d * (d + 2 * kv + d)
-    attention = 2 * 2 * n * n * d            # scores (QK^T) and the weighted sum (AV)
+    q, kv = cfg.num_heads * head_dim(cfg), cfg.num_kv_heads * head_dim(cfg)
+    projections = 2 * n * d * (q + 2 * kv) + 2 * n * q * d    # q, k, v in; o from the heads back to d
+    attention = 2 * 2 * n * n * q            # scores (QK^T) and the weighted sum (AV), over every head
     mlp = 2 * n * 3 * d * f                  # gate, up, down
     return projections + attention + mlp
 

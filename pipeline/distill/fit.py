@@ -4,6 +4,7 @@ teacher's labels and probes, starts the fit and publishes the student."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,21 +64,58 @@ class DistillResult:
 
 
 @torch.no_grad()
-def _val_action_mse(student: VLA, normalizer: Normalizer, job: StudentJob, dtype: torch.dtype) -> float:
-    """Held-out action MSE of the student as deployed (hard gates), all-reduced over the workers."""
+def _val_action_mse(student: VLA, normalizer: Normalizer, job: StudentJob, dtype: torch.dtype,
+                    lockstep: bool = False) -> float:
+    """Held-out action MSE of the student as deployed (hard gates), all-reduced over the workers.
+
+    lockstep (ZeRO-3, 2+ workers): a layer call gathers that layer's weights with a collective, so every rank
+    makes the same forwards (a rank whose shard ran out makes uncounted ones) calling the same layers (see
+    router.decide); the sums, and so the MSE, are those of one process over the same rows."""
     student.eval()
-    totals = torch.zeros(2, dtype=torch.float64)
-    for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=job.distill.train.batch_size,
-                                                                  batch_format="numpy"):
-        b = to_model_batch(batch, normalizer, job.image_shape)
+    device = next(student.parameters()).device
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    batches = ray.train.get_dataset_shard("val").iter_batches(batch_size=job.distill.train.batch_size,
+                                                               batch_format="numpy")
+    for batch in _in_step(batches, lockstep, device):
+        if batch is None:
+            student(*_idle_inputs(student, job.image_shape, dtype), mode="hard", threshold=job.router.threshold,
+                    lockstep=True)
+            continue
+        b = move(to_model_batch(batch, normalizer, job.image_shape), device)
         out = student(b["images"].to(dtype), b["instructions"], b["proprio"].to(dtype), mode="hard",
-                      threshold=job.router.threshold)
+                      threshold=job.router.threshold, lockstep=lockstep)
         totals[0] += float(((out.actions.float() - b["actions"]) ** 2).sum())
         totals[1] += b["actions"].numel()
     student.train()
     if dist.is_initialized():
         dist.all_reduce(totals)
     return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+
+
+def _in_step(batches: Iterable[dict[str, np.ndarray]], lockstep: bool,
+             device: torch.device) -> Iterator[dict[str, np.ndarray] | None]:
+    """This rank's batches; in lockstep, then None until every rank's shard has run out (Ray may split the
+    rows unevenly): one all-reduce of one int32 per batch, so all ranks loop the same number of times."""
+    if not lockstep:
+        yield from batches
+        return
+    mine = iter(batches)
+    while True:
+        batch = next(mine, None)
+        more = torch.tensor([batch is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not more.item():
+            return
+        yield batch
+
+
+def _idle_inputs(student: VLA, image_shape: tuple[int, int, int],
+                 dtype: torch.dtype) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """One black frame, zero proprio: the input of a forward a rank makes only to stay in step."""
+    h, w, c = image_shape
+    device = next(student.parameters()).device
+    return (torch.zeros(1, c, h, w, dtype=dtype, device=device), ["idle"],
+            torch.zeros(1, student.cfg.proprio_dim, dtype=dtype, device=device))
 
 
 def _student_objective(job: StudentJob) -> tuple[StudentObjective, PolicyCard]:
@@ -128,7 +166,10 @@ def student_fn_per_worker(loop_config: dict[str, Any]) -> None:
         return loss, {**parts, "executed_fraction": float(executed), **placement(engine, device, images, proprio)}
 
     def eval_fn(step: int) -> dict[str, float]:
-        val = _val_action_mse(engine.module.distill.student, normalizer, job, dtype)
+        # ZeRO-3 partitions the weights: a hard-routed pass must keep the ranks in step (see _val_action_mse).
+        lockstep = (engine.zero_optimization_partition_weights() and dist.is_initialized()
+                    and dist.get_world_size() > 1)
+        val = _val_action_mse(engine.module.distill.student, normalizer, job, dtype, lockstep)
         log.log({"val/action_mse": val}, step)
         return {"val_action_mse": val, "step": step}
 

@@ -6,6 +6,7 @@ import threading
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 GateMode = Literal["off", "soft", "straight_through", "hard"]
@@ -93,6 +94,7 @@ class GateState(threading.local):
         self.run: torch.Tensor | None = None        # hard mode: B x L, True where the layer runs for that row
         self.run_any: list[bool] = []               # hard mode, per layer: some row runs it
         self.run_all: list[bool] = []               # hard mode, per layer: every row runs it
+        self.peers_only: list[bool] = []            # hard mode in lockstep, per layer: no row here, another rank's
         self.hidden: list[torch.Tensor] | None = None   # per-layer outputs when recording
 
     def __reduce__(self) -> tuple[type[GateState], tuple[()]]:
@@ -100,11 +102,26 @@ class GateState(threading.local):
         return (GateState, ())
 
 
-def decide(state: GateState, gates: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Hard mode: which rows run which layers (gate >= threshold), once per forward; B x L of 0/1."""
+def decide(state: GateState, gates: torch.Tensor, threshold: float, lockstep: bool = False) -> torch.Tensor:
+    """Hard mode: which rows run which layers (gate >= threshold), once per forward; B x L of 0/1.
+
+    lockstep (ZeRO-3, 2+ ranks): every rank calls each layer that a row on ANY rank runs, since under ZeRO-3 a
+    layer call gathers that layer's weights with a collective and ranks that skip different layers hang. Costs
+    one all-reduce of L int32 per forward; the rows each layer runs, and so the numbers, are unchanged."""
     run = gates >= threshold
-    state.run, state.run_any, state.run_all = run, run.any(0).tolist(), run.all(0).tolist()
+    here = run.any(0)
+    state.run, state.run_any, state.run_all = run, here.tolist(), run.all(0).tolist()
+    if lockstep:
+        anywhere = _on_any_rank(here)
+        state.run_any, state.peers_only = anywhere.tolist(), (anywhere & ~here).tolist()
     return run.to(gates.dtype)
+
+
+def _on_any_rank(flags: torch.Tensor) -> torch.Tensor:
+    """Per-layer OR over the ranks of the default process group (a MAX all-reduce of 0/1 int32)."""
+    counts = flags.to(torch.int32)
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+    return counts.bool()
 
 
 def _take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
@@ -155,14 +172,22 @@ class GatedLayer(nn.Module):
     def _run_hard(self, h: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         # The run/skip decisions were taken once per forward (decide, from VLA.forward): at batch 1 a layer the
         # router skips costs a list lookup, not a few tensor ops (~0.02-0.05 ms each on CPU).
-        state, batch, i = self._state, h.shape[0], self.index
+        state, i = self._state, self.index
         if not state.run_any[i]:
             return h  # a skipped layer leaves h unchanged and costs nothing
         if state.run_all[i]:
             return self._run(h, args, kwargs)
+        if state.peers_only and state.peers_only[i]:
+            # Lockstep: another rank runs this layer, so this one joins its ZeRO-3 weight gather by running it on
+            # one row and dropping the result (0 rows fail in Llama's attention: view(0, N, -1, head_dim)).
+            self._run_rows(h, torch.zeros(1, dtype=torch.long, device=h.device), args, kwargs)
+            return h
         rows = state.run[:, i].nonzero(as_tuple=True)[0]
-        sub = self._run(h[rows], _take_rows(args, rows, batch),
-                        {k: _take_rows(v, rows, batch) for k, v in kwargs.items()})
         out = h.clone()
-        out[rows] = sub
+        out[rows] = self._run_rows(h, rows, args, kwargs)
         return out
+
+    def _run_rows(self, h: torch.Tensor, rows: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        batch = h.shape[0]
+        return self._run(h[rows], _take_rows(args, rows, batch),
+                         {k: _take_rows(v, rows, batch) for k, v in kwargs.items()})

@@ -223,8 +223,11 @@ class VLA(nn.Module):
 
     def forward(self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor,
                 mode: GateMode = "off", threshold: float = 0.5, record: bool = False,
-                temperature: float = 1.0) -> VLAOutput:
-        """mode: off (teacher / router forced open), soft, straight_through (training), hard (inference)."""
+                temperature: float = 1.0, lockstep: bool = False) -> VLAOutput:
+        """mode: off (teacher / router forced open), soft, straight_through (training), hard (inference).
+
+        lockstep: hard mode on every rank of a ZeRO-3 group at once (validation): ranks call the same layers in
+        the same order (see router.decide). Never for a served or single-process model: it is a collective."""
         tokens, mask, vision, text, text_mask = self.embed(images, instructions, proprio)
         batch, layers = images.shape[0], self.cfg.num_layers
         gates = self.router(vision, text, text_mask, temperature) if (self.router is not None and mode != "off") else None
@@ -235,7 +238,7 @@ class VLA(nn.Module):
             if gates is None:
                 executed = torch.ones(batch, layers, device=images.device)
             elif mode == "hard":
-                executed = decide(state, gates, threshold)
+                executed = decide(state, gates, threshold, lockstep)
             elif mode == "straight_through":
                 executed = (gates >= threshold).to(gates.dtype)
             else:

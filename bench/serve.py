@@ -121,6 +121,7 @@ def log_pyfunc(policy_uri: str, store: Path) -> str:
     from pipeline.tune.trials import TrialResult
 
     mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{store / 'mlflow.db'}")
     mlflow.set_experiment("serve-bench")
     candidate = TrialResult(trial="bench", params={}, student_uri=policy_uri, success=0.0, compute_ratio=1.0,
                             action_mse_norm=0.0, latency_ms_median=0.0)

@@ -84,3 +84,6 @@ def start_ray(cfg: PipelineConfig) -> None:
                  include_dashboard=False, log_to_driver=True, logging_config=logging_config)
     root.handlers[:] = handlers
     root.setLevel(level)
+    if address is None:   # Ray's own "Started a local Ray instance" is below the quiet log level: say it here
+        log.info("started a local Ray instance (GCS %s, %s logical CPUs)", ray.get_runtime_context().gcs_address,
+                 cfg.run.ray_num_cpus)

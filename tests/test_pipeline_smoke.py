@@ -21,11 +21,11 @@ ACTDISTILL = str(Path(sys.executable).parent / "actdistill")
 pytestmark = pytest.mark.slow
 
 
-def _run(args, run_dir, timeout):
+def _run(args, run_dir, timeout, overrides=()):
     # From the repository with a relative run.run_dir, as the README's command runs (runs/smoke): every
     # stage, Tune trials included (Tune runs each trial in its own working directory), must find it.
     relative = os.path.relpath(run_dir, REPO)
-    proc = subprocess.run(args + ["--config", str(SMOKE), f"run.run_dir={relative}"], cwd=REPO,
+    proc = subprocess.run(args + ["--config", str(SMOKE), f"run.run_dir={relative}", *overrides], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc.stdout + proc.stderr   # what the terminal shows: Ray's forwarded worker logs go to stderr
@@ -189,8 +189,8 @@ def test_promote_reevaluates_a_lucky_sweep_winner_on_the_teachers_episodes(smoke
     uri = f"sqlite:///{copy.resolve()}/mlflow.db"
     client = MlflowClient(uri, registry_uri=uri)
     gate = ["promote.reevaluate_top=1", "promote.success_delta=1.0"]
-    _run([sys.executable, "-m", "jobs.promote", "promote.model_name=lucky", "promote.compute_budget=1.0", *gate],
-         copy, timeout=600)
+    _run([sys.executable, "-m", "jobs.promote"], copy, 600,
+         ["promote.model_name=lucky", "promote.compute_budget=1.0", *gate])
     version = client.get_model_version_by_alias("lucky", "champion")
     assert version.tags["source"] == lucky["trial"]
     assert float(version.tags["sweep_success"]) == 0.97 and version.tags["sweep_episodes_per_task"] == "1"
@@ -200,6 +200,6 @@ def test_promote_reevaluates_a_lucky_sweep_winner_on_the_teachers_episodes(smoke
     assert compute > 0.05, "the test needs a student that runs some layers in closed loop"
     # The same trial under a compute budget its sweep figure meets and its closed-loop one does not: refused.
     budget = (0.05 + compute) / 2
-    _run([sys.executable, "-m", "jobs.promote", "promote.model_name=lucky-budget",
-          f"promote.compute_budget={budget}", *gate], copy, timeout=600)
+    _run([sys.executable, "-m", "jobs.promote"], copy, 600,
+         ["promote.model_name=lucky-budget", f"promote.compute_budget={budget}", *gate])
     assert client.search_model_versions("name='lucky-budget'") == []

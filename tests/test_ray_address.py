@@ -21,7 +21,8 @@ ACTDISTILL = str(Path(sys.executable).parent / "actdistill")
 # One short expert episode: the point is which Ray the job starts or joins, not the data.
 TINY = ["collect.tasks=[reach-v3]", "collect.episodes_per_task=1", "collect.max_steps=10", "collect.image_size=32",
         "collect.keep_failed=true"]
-STARTED_OWN, JOINED = "Started a local Ray instance", "Connecting to existing Ray cluster"
+# What start_ray logs (Ray's own INFO lines are off unless run.verbose).
+STARTED_OWN, JOINED = "started a local Ray instance (GCS ", "connecting to the Ray cluster at "
 
 
 def _dead_port():
@@ -67,11 +68,12 @@ def test_local_jobs_beside_a_live_and_a_dead_ray_start_head(tmp_path):
         live = _collect(ray_tmpdir, tmp_path / "live")
         assert live.returncode == 0, live.stderr[-3000:]
         assert STARTED_OWN in live.stderr and JOINED not in live.stderr
+        assert f"{STARTED_OWN}{head['gcs_address']}" not in live.stderr   # its own, not the head's
 
         named = _collect(ray_tmpdir, tmp_path / "named", f"run.ray_address={head['gcs_address']}",
                          auth_mode=head["auth_mode"])
         assert named.returncode == 0, named.stderr[-3000:]
-        assert JOINED in named.stderr and STARTED_OWN not in named.stderr
+        assert f"{JOINED}{head['gcs_address']}" in named.stderr and STARTED_OWN not in named.stderr
 
         stack.stop_processes(stack_id)   # the head dies without `ray stop`: its record stays behind
         assert stack.stack_pids(stack_id) == [] and record.read_text().strip() == head["gcs_address"]

@@ -40,8 +40,11 @@ def served(tmp_path_factory):
     uri = str(folder / "student")
     save_policy(mixed_router_student(), uri, PolicyCard(normalizer=NORMALIZER, role="student", threshold=0.5,
                                                         teacher_hash="t" * 16, instructions=INSTRUCTIONS))
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    store = f"sqlite:///{folder / 'mlflow.db'}"
+    # The registry too: a registry URI another test left in this process must not receive this model.
+    mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
     try:
         mlflow.set_experiment("serving")
         candidate = TrialResult(trial="s", params={}, student_uri=uri, success=1.0, compute_ratio=0.5,
@@ -51,7 +54,8 @@ def served(tmp_path_factory):
         model_uri = f"models:/serving-test/{version.version}"
         yield model_uri, mlflow.pyfunc.load_model(model_uri), Policy(uri)
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
 
 
 def requests_of(count, seed=0):

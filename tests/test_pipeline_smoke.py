@@ -126,43 +126,6 @@ def test_a_job_runs_alone_as_a_module_on_the_run_folder(smoke_run):
     assert "| student |" in stdout
 
 
-def _tiny_tokenizer():
-    """A word-level tokenizer trained here on the smoke tasks' words (nothing comes from a hub)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(["reach to the goal position", "push the puck to the goal"],
-                            trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]"]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
-
-
-def test_train_teacher_starts_from_a_pretrained_hf_decoder(smoke_run, tmp_path):
-    import torch
-    from safetensors.torch import load_file
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    run_dir, _ = smoke_run
-    torch.manual_seed(0)
-    hf = tmp_path / "llama-tiny"
-    LlamaForCausalLM(LlamaConfig(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
-                                 intermediate_size=96, vocab_size=128)).save_pretrained(hf, safe_serialization=True)
-    _tiny_tokenizer().save_pretrained(hf)   # a pretrained backbone reads instructions with its own tokenizer
-    proc = subprocess.run([sys.executable, "-m", "jobs.train_teacher", "--config", str(SMOKE),
-                           f"run.run_dir={tmp_path / 'run'}", f"data.shards_uri={run_dir / 'shards'}",
-                           f"model.pretrained_backbone={hf}", "teacher.steps=2", "teacher.warmup_steps=0"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    config = json.loads((tmp_path / "run" / "teacher" / "config.json").read_text())
-    assert (config["vla"]["hidden_size"], config["vla"]["num_layers"]) == (48, 3)   # sizes from the checkpoint
-    hf_weights = load_file(hf / "model.safetensors")
-    ours = load_file(tmp_path / "run" / "teacher" / "model.safetensors")
-    # Two small optimizer steps moved the decoder only slightly from its pretrained start.
-    start, end = hf_weights["model.layers.2.mlp.down_proj.weight"], ours["backbone.layers.2.layer.mlp.down_proj.weight"]
-    assert (end - start).abs().max() < 0.05 and not torch.equal(end, start)
-
-
 def test_the_terminal_shows_every_stage_and_training_progress_but_no_ray_data_redraws(smoke_run):
     _, output = smoke_run
     lines = output.splitlines()

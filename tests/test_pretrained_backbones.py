@@ -13,8 +13,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import (AutoModel, AutoTokenizer, GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM,
-                          MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    GemmaConfig,
+    GemmaForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from pipeline.config import ModelSection
 from pipeline.models.backbones import BACKBONES
@@ -258,8 +269,13 @@ def test_train_teacher_from_a_pretrained_folder_tokenizes_and_reloads_identicall
     assert proc.returncode == 0, proc.stderr[-4000:]
     expected = AutoTokenizer.from_pretrained(folder)(INSTRUCTIONS, padding="max_length", truncation=True,
                                                      max_length=MAX_TOKENS, return_tensors="pt")["input_ids"]
+    start = load_file(folder / "model.safetensors")
     shutil.rmtree(folder)
     teacher, card = load_policy(str(tmp_path / "run" / "teacher"))
+    # The decoder started from the folder's weights: two small optimizer steps moved it only slightly.
+    end = teacher.state_dict()["backbone.layers.1.layer.mlp.down_proj.weight"]
+    moved = (end - start["model.layers.1.mlp.down_proj.weight"]).abs().max()
+    assert 0 < moved < 0.05
     assert teacher.cfg.hf_config["sliding_window"] == 4 and teacher.cfg.hf_config["rms_norm_eps"] == 1e-2
     assert torch.equal(teacher.instruction_ids(INSTRUCTIONS)[0], expected)
     save_policy(teacher, str(tmp_path / "again"), card)

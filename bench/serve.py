@@ -19,8 +19,6 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.evaluate.policy import Policy  # noqa: E402
+from pipeline.infra.stack import free_port, stop_group  # noqa: E402
 from pipeline.models.checkpoint import PolicyCard, read_policy_config, save_policy  # noqa: E402
 from pipeline.models.student import derive_student  # noqa: E402
 from pipeline.models.vla import VLA, teacher_config  # noqa: E402
@@ -130,12 +129,6 @@ def log_pyfunc(policy_uri: str, store: Path) -> str:
     return f"models:/serve-bench/{version.version}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model_uri: str, store: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}", "OMP_NUM_THREADS": "1",
@@ -154,18 +147,8 @@ def start_server(model_uri: str, store: Path) -> tuple[subprocess.Popen, str]:
         except (requests.ConnectionError, requests.Timeout):   # not up yet, or busy starting
             pass
         time.sleep(0.5)
-    stop(proc)
+    stop_group(proc)
     raise TimeoutError(f"mlflow models serve did not answer on {url} within 240 s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def body(request: Request) -> bytes:
@@ -220,7 +203,7 @@ def measure(policy_uri: str, calls: int, camera: str) -> dict[str, Any]:
             for name, call in paths.items():
                 results[name]["8 clients"] = drive(call, calls, 8)
         finally:
-            stop(proc)
+            stop_group(proc)
     vla = card.vla or {}
     return {"policy": policy_uri, "layers": vla.get("num_layers"), "hidden": vla.get("hidden_size"),
             "image": vla.get("image_size"), "torch_threads": 1, "calls_per_setting": calls,

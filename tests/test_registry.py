@@ -2,8 +2,6 @@
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +21,7 @@ from jobs import promote
 from pipeline.config import load_config
 from pipeline.evaluate.policy import Policy
 from pipeline.evaluate.report import EvaluationReport, PolicyReport
+from pipeline.infra.stack import free_port, stop_group
 from pipeline.models.checkpoint import PolicyCard, save_policy
 from pipeline.models.student import derive_student
 from pipeline.models.vla import VLA, VLAConfig
@@ -39,12 +38,6 @@ NORMALIZER = {"action_mean": [0.0] * 4, "action_std": [1.0] * 4, "proprio_mean":
               "proprio_std": [1.0] * 4}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_http(url: str, proc: subprocess.Popen, seconds: float = 240) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
@@ -59,20 +52,10 @@ def _wait_http(url: str, proc: subprocess.Popen, seconds: float = 240) -> None:
     raise TimeoutError(f"{url} did not answer in {seconds} s")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
                              "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1",
                              "--port", str(port), "--workers", "1"],
@@ -82,7 +65,7 @@ def mlflow_server(tmp_path_factory):
         _wait_http(f"{url}/health", proc)
         yield url
     finally:
-        _stop(proc)
+        stop_group(proc)
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +189,7 @@ def test_mlflow_models_serve_answers_tensors_refuses_bad_requests_with_400_and_k
         version = register_student(name, TrialResult(trial="s", params={}, student_uri=uri, success=1.0,
                                                      compute_ratio=0.5, action_mse_norm=0.1), {})
     set_aliases(name, version)
-    port = _free_port()
+    port = free_port()
     # mlflow serve execs `uvicorn` by name: the venv's bin must be on PATH (CI calls .venv/bin/python directly).
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}@champion",
@@ -251,4 +234,4 @@ def test_mlflow_models_serve_answers_tensors_refuses_bad_requests_with_400_and_k
         got = np.concatenate([r.json()["predictions"] for r in replies])
         np.testing.assert_allclose(got, expected, atol=1e-5)
     finally:
-        _stop(proc)
+        stop_group(proc)

@@ -44,6 +44,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """Stop a server started with start_new_session=True and every process it forked (`mlflow models serve`
+    runs uvicorn under it): SIGTERM to its process group, SIGKILL after `grace_s`."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def _require_free(port: int, flag: str) -> None:
     # Ray's GCS listens on every interface, so test the wildcard address.
     with socket.socket() as s:

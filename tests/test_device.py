@@ -1,19 +1,26 @@
 """The device-agnostic training plane on CPU: run.device=auto is today's CPU run here; attention implementations
-and activation checkpointing change no numbers; GPU-only settings are refused naming the key and the fix."""
+and activation checkpointing change no numbers; GPU-only settings are refused naming the key and the fix; evaluate's
+policies on cpu give today's actions."""
 
 import copy
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from pipeline.config import ConfigError, load_config
+from pipeline.evaluate.policy import Policy
+from pipeline.evaluate.rollout import gpu_share
+from pipeline.models.checkpoint import PolicyCard, save_policy
+from pipeline.models.student import derive_student
 from pipeline.models.vla import VLA
 from pipeline.train.device import resolve_device, worker_env
 from pipeline.train.driver import scaling
 from pipeline.train.engine import deepspeed_config
+from tests.test_evaluate_figures import NORMALIZER
 from tests.test_models import inputs, tiny
 
 SMOKE = "jobs/configs/smoke.yaml"
@@ -126,3 +133,55 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     assert all(isinstance(w.layer, GradientCheckpointingLayer) and w.layer.gradient_checkpointing
                and not isinstance(w, GradientCheckpointingLayer) for w in checkpointed.backbone.layers)
     assert _saved_bytes(checkpointed, x) < _saved_bytes(plain, x)
+
+
+# The evaluate stage: policies on the resolved device; the CPU path is today's.
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny teacher and a routed student whose gates differ by input, on disk."""
+    torch.manual_seed(0)
+    teacher = VLA(tiny()).eval()
+    student = derive_student(teacher, 8)
+    torch.nn.init.normal_(student.router.out.weight, std=3.0)
+    root = tmp_path_factory.mktemp("device_policies")
+    for name, model in (("teacher", teacher), ("student", student)):
+        save_policy(model, str(root / name), PolicyCard(normalizer=NORMALIZER))
+    return [str(root / "teacher"), str(root / "student")]
+
+
+def test_a_policy_on_cpu_gives_the_actions_it_always_gave(saved):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    proprio = rng.normal(size=(5, 4)).astype(np.float32)
+    words = ["reach", "press the button", "close drawer", "open", "push it left"]
+    for uri in saved:
+        default, cpu = Policy(uri), Policy(uri, device="cpu")
+        assert cpu.device == torch.device("cpu") and all(p.device.type == "cpu" for p in cpu.model.parameters())
+        a, b = default.step(images, words, proprio), cpu.step(images, words, proprio)
+        np.testing.assert_array_equal(a.actions, b.actions)
+        np.testing.assert_array_equal(a.executed, b.executed)
+        assert isinstance(b.actions, np.ndarray) and b.actions.dtype == np.float32
+
+
+def test_evaluate_with_device_cuda_fails_naming_it_before_any_rollout(monkeypatch, tmp_path):
+    import jobs.evaluate
+    import pipeline.evaluate.suite as suite
+
+    def no_rollouts(*args, **kwargs):
+        raise AssertionError("a rollout started")
+
+    monkeypatch.setattr(suite, "run_closed_loop", no_rollouts)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config(SMOKE, ["run.device=cuda", f"run.run_dir={tmp_path}"])
+    # The job (start_ray refuses before Ray starts), and the suite as promote and sweep call it (first thing,
+    # before the shards are read: there are none under tmp_path).
+    for call in (lambda: jobs.evaluate.main(cfg), lambda: suite.evaluate_policies(cfg, {"student": "x"}, 1)):
+        with pytest.raises(ConfigError) as err:
+            call()
+        assert "run.device=cuda" in str(err.value) and "run.device=cpu" in str(err.value)
+
+
+def test_rollout_workers_share_one_gpu():
+    assert gpu_share(1) == 1.0 and gpu_share(2) == 0.5
+    assert all(n * gpu_share(n) <= 1.0 for n in range(1, 65))   # 1/7 rounded to nearest would overbook it

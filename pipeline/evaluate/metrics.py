@@ -9,6 +9,7 @@ import torch
 
 from pipeline.data.batches import to_model_batch
 from pipeline.evaluate.policy import Policy
+from pipeline.train.device import move
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
@@ -25,10 +26,11 @@ def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float
 @torch.no_grad()
 def action_error(policy: Policy, data: ray.data.Dataset, image_shape: tuple[int, int, int],
                  batch_size: int = 64) -> dict[str, float]:
-    """MSE against expert actions on held-out rows, in normalised units and in raw action units."""
+    """MSE against expert actions on held-out rows, in normalised units and in raw action units, computed on
+    the policy's device."""
     norm_sq, raw_sq, rows = 0.0, 0.0, 0
     for batch in data.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        b = to_model_batch(batch, policy.normalizer, image_shape)
+        b = move(to_model_batch(batch, policy.normalizer, image_shape), policy.device)   # a no-op on cpu
         out = policy.model(b["images"], b["instructions"], b["proprio"], mode=policy.mode,
                            threshold=policy.threshold)
         diff = out.actions - b["actions"]

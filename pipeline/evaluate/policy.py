@@ -19,8 +19,12 @@ class PolicyStep(NamedTuple):
 class Policy:
     """Teacher (no router: every layer runs) or routed student (hard gates: skipped layers cost nothing)."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, device: str = "cpu") -> None:
+        """`device`: the torch device the model runs on ("cuda": this process's current GPU); every call takes
+        numpy in and gives numpy back on the CPU whatever the device."""
+        self.device = torch.device(device)
         self.model, self.card = load_policy(uri)
+        self.model.to(self.device)
         self.normalizer = Normalizer.from_dict(self.card.normalizer)
         # A teacher's card has no threshold: it runs every layer, so the value is never used.
         self.threshold = self.card.threshold if self.card.threshold is not None else 0.5
@@ -42,8 +46,11 @@ class Policy:
 
         Rows are independent: a routed student runs each layer only on the rows whose gate opened it,
         so a batch across environments costs what its rows' layers cost."""
+        # .to is a no-op on cpu (Tensor.to, not pipeline.train.device.move: serving imports this module, not Ray).
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2) / 255.0
+        x = x.to(self.device)
         # A copy (4 floats): arrays from the Ray object store or a request are read-only, which torch warns about.
-        p = self.normalizer.norm_proprio(torch.from_numpy(np.array(proprio, dtype=np.float32)))
+        p = self.normalizer.norm_proprio(torch.from_numpy(np.array(proprio, dtype=np.float32)).to(self.device))
         out = self.model(x, list(instructions), p, mode=self.mode, threshold=self.threshold)
-        return PolicyStep(self.normalizer.denorm_action(out.actions).numpy(), out.executed.numpy())
+        # .cpu() returns the same tensor on cpu, so the CPU path gives what it always gave.
+        return PolicyStep(self.normalizer.denorm_action(out.actions).cpu().numpy(), out.executed.cpu().numpy())

@@ -8,6 +8,7 @@ episodes, not chunks.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
@@ -96,16 +97,17 @@ class _Running:
 @ray.remote(num_cpus=1)
 class RolloutWorker:
     """Holds the policies and runs batches of episodes; lives on one CPU (intra-op threads would fight
-    the other workers and the renderer)."""
+    the other workers and the renderer), and on cuda runs the policies on its share of a GPU."""
 
     def __init__(self, policies: dict[str, str], image_size: int, camera: str, max_steps: int,
-                 envs_per_worker: int) -> None:
+                 envs_per_worker: int, device: str = "cpu") -> None:
         import torch
 
         from pipeline.evaluate.policy import Policy
 
         torch.set_num_threads(1)
-        self.policies = {name: Policy(uri) for name, uri in policies.items()}
+        # cuda: the GPU Ray gave this actor a share of (visible as cuda:0).
+        self.policies = {name: Policy(uri, device) for name, uri in policies.items()}
         self.image_size, self.camera, self.max_steps = image_size, camera, max_steps
         self.envs_per_worker = envs_per_worker
 
@@ -151,17 +153,29 @@ def _split(specs: list[EpisodeSpec], workers: int) -> list[list[EpisodeSpec]]:
     return [chunk for chunk in (specs[i::workers] for i in range(workers)) if chunk]
 
 
+def gpu_share(workers: int) -> float:
+    """Each rollout worker's share of one GPU, rounded down to Ray's 0.0001 resource unit so that `workers`
+    shares never add up to more than one GPU (1/7 rounded to nearest would be 0.1429: 7 x 0.1429 > 1)."""
+    return math.floor(10_000 / workers) / 10_000
+
+
 def run_closed_loop(policies: dict[str, str], tasks: list[str], seeds: list[int], image_size: int,
-                    camera: str, max_steps: int, num_workers: int = 2, envs_per_worker: int = 8
-                    ) -> list[EpisodeResult]:
-    """Every policy runs every (task, seed): teacher and student face identical initial states."""
+                    camera: str, max_steps: int, num_workers: int = 2, envs_per_worker: int = 8,
+                    device: str = "cpu") -> list[EpisodeResult]:
+    """Every policy runs every (task, seed): teacher and student face identical initial states. `device`
+    (a resolved run.device, "cpu" or "cuda") is where the workers run the policies."""
     # Policy-major, so the round-robin split gives every worker its share of each policy's episodes.
     specs = [EpisodeSpec(name, task, seed) for name in policies for task in tasks for seed in seeds]
+    chunks = _split(specs, num_workers)
+    # On cuda all workers share one GPU: each steps at most envs_per_worker (8) rows per call and spends most
+    # of its time rendering Meta-World on its CPU, so a GPU per worker would sit idle (and need num_workers
+    # GPUs); the cost is one CUDA context per worker on that GPU.
+    gpus = gpu_share(max(1, len(chunks))) if device == "cuda" else 0
     # Inside a Tune trial, child actors would be captured by the trial's 0.01-CPU placement group and
     # could never be scheduled; the rollout workers reserve their own CPUs instead.
-    worker = RolloutWorker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-    chunks = _split(specs, num_workers)
-    actors = [worker.remote(policies, image_size, camera, max_steps, envs_per_worker) for _ in chunks]
+    worker = RolloutWorker.options(num_gpus=gpus,
+                                   scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+    actors = [worker.remote(policies, image_size, camera, max_steps, envs_per_worker, device) for _ in chunks]
     streams = [actor.run.remote(chunk) for actor, chunk in zip(actors, chunks)]
     results: list[EpisodeResult] = []
     try:

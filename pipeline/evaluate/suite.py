@@ -13,7 +13,7 @@ from pipeline.data.shards import open_shards, split_episodes
 from pipeline.data.validate import validate_shards
 from pipeline.evaluate.flops import policy_flops
 from pipeline.evaluate.metrics import action_error, wilson_interval
-from pipeline.evaluate.policy import Policy
+from pipeline.evaluate.policy import Policy, PolicyStep
 from pipeline.evaluate.report import EvaluationReport, PolicyReport, Ratios, TaskSuccess
 from pipeline.evaluate.rollout import (
     SAMPLES_PER_EPISODE,
@@ -26,6 +26,7 @@ from pipeline.evaluate.rollout import (
     success_table,
 )
 from pipeline.stages import RunPaths
+from pipeline.train.device import resolve_device
 
 
 def spread(calls: list[RecordedCall], count: int) -> list[RecordedCall]:
@@ -33,6 +34,24 @@ def spread(calls: list[RecordedCall], count: int) -> list[RecordedCall]:
     if len(calls) <= count:
         return calls
     return [calls[int(i)] for i in np.linspace(0, len(calls) - 1, count).round()]
+
+
+def device_label(device: torch.device) -> str:
+    """What a report says its figures were measured on: "cpu", or "cuda (NVIDIA H200)"."""
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
+
+
+def timed_step(policy: Policy, call: tuple[np.ndarray, list[str], np.ndarray]) -> tuple[PolicyStep, float]:
+    """One policy call and its wall time in ms. On cuda the queue is drained before and after: without that
+    the clock would time kernel launches (and the previous call's leftovers), not the call."""
+    cuda = policy.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(policy.device)
+    start = time.perf_counter()
+    step = policy.step(*call)
+    if cuda:
+        torch.cuda.synchronize(policy.device)
+    return step, (time.perf_counter() - start) * 1000.0
 
 
 def paired_latency(policies: dict[str, Policy], inputs: dict[str, list[RecordedCall]], calls: int,
@@ -56,10 +75,8 @@ def paired_latency(policies: dict[str, Policy], inputs: dict[str, list[RecordedC
         layers: dict[str, list[float]] = {name: [] for name in policies}
         for i in range(calls):
             for name, policy in policies.items():
-                call = args(inputs[name][i % len(inputs[name])])
-                start = time.perf_counter()
-                step = policy.step(*call)
-                times[name].append((time.perf_counter() - start) * 1000.0)
+                step, ms = timed_step(policy, args(inputs[name][i % len(inputs[name])]))
+                times[name].append(ms)
                 layers[name].append(float(step.executed.mean()))
     finally:
         torch.set_num_threads(before)
@@ -93,8 +110,10 @@ def p90_per_call(fractions: np.ndarray) -> float:
     return float(np.quantile(fractions, 0.9, method="inverted_cdf"))
 
 
-def measured_on(tasks: list[str], seeds: list[int], max_steps: int, latency_calls: int) -> dict[str, str]:
-    """Which inputs each figure of a report comes from (the report says it, so a reader need not guess)."""
+def measured_on(tasks: list[str], seeds: list[int], max_steps: int, latency_calls: int,
+                device: str = "cpu") -> dict[str, str]:
+    """Which inputs each figure of a report comes from, and the device (device_label) the driver-side figures,
+    latency and action error, were computed on (the report says it, so a reader need not guess)."""
     return {
         "success": f"closed loop: {len(tasks)} task(s) x {len(seeds)} seed(s) ({seeds[0]}-{seeds[-1]}), "
                    f"at most {max_steps} steps per episode",
@@ -102,15 +121,22 @@ def measured_on(tasks: list[str], seeds: list[int], max_steps: int, latency_call
             "every closed-loop call of the policy in those episodes (one per environment step): the mean over "
             "calls, and the 90th percentile of a call's executed fraction"),
         "latency_ms_median, latency_ms_p90": (
-            f"{latency_calls} batch-1 calls re-running observations recorded from the policy's own closed-loop "
-            f"calls ({SAMPLES_PER_EPISODE} per episode, drawn uniformly over its calls); "
+            f"{latency_calls} batch-1 calls on {device} re-running observations recorded from the policy's own "
+            f"closed-loop calls ({SAMPLES_PER_EPISODE} per episode, drawn uniformly over its calls); "
             f"latency_executed_fraction is the layers those timed calls ran"),
-        "action_mse_norm, action_mse_raw": "held-out expert rows (offline, heldout_rows of them)",
+        "action_mse_norm, action_mse_raw": f"held-out expert rows (offline, heldout_rows of them), on {device}",
     }
 
 
 def evaluate_policies(cfg: PipelineConfig, uris: dict[str, str], episodes_per_task: int) -> EvaluationReport:
-    """One block per policy, plus each policy's ratios to the teacher when a teacher is among them."""
+    """One block per policy, plus each policy's ratios to the teacher when a teacher is among them.
+
+    Device: run.device is resolved once (after start_ray; a cuda run on a cluster without GPUs fails here,
+    before any rollout). The rollout workers run the policies on it. Action error and latency are measured in
+    this (driver) process: on its GPU when the run is on cuda and the driver sees one, otherwise on its CPU
+    (a driver without a GPU joined to a GPU cluster); measured_on names the device they ran on either way."""
+    device = resolve_device(cfg)
+    here = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
     paths = RunPaths.of(cfg)
     manifest = read_manifest(paths.shards)
     # Before minutes of rollouts: a bad shard stops here naming file, row and fix (or, with
@@ -120,8 +146,8 @@ def evaluate_policies(cfg: PipelineConfig, uris: dict[str, str], episodes_per_ta
     image_shape = tuple(manifest.image_shape)
     seeds = [cfg.evaluate.seed + i for i in range(episodes_per_task)]
     results = run_closed_loop(uris, cfg.collect.tasks, seeds, manifest.image_shape[0], cfg.collect.camera,
-                              cfg.evaluate.max_steps, cfg.evaluate.num_workers, cfg.evaluate.envs_per_worker)
-    policies = {name: Policy(uri) for name, uri in uris.items()}
+                              cfg.evaluate.max_steps, cfg.evaluate.num_workers, cfg.evaluate.envs_per_worker, device)
+    policies = {name: Policy(uri, str(here)) for name, uri in uris.items()}
     # Read once: every policy's action error is measured on the held-out rows (an error if there are none).
     heldout = open_shards(paths.shards, manifest, episodes=val_ids, skip_rows=report.skip_rows).materialize()
     offline = {name: action_error(p, heldout, image_shape) for name, p in policies.items()}
@@ -131,7 +157,7 @@ def evaluate_policies(cfg: PipelineConfig, uris: dict[str, str], episodes_per_ta
     return EvaluationReport(tasks=cfg.collect.tasks, seeds=seeds, max_steps=cfg.evaluate.max_steps, policies=blocks,
                             ratios=_ratios(blocks) if "teacher" in blocks else None,
                             measured_on=measured_on(cfg.collect.tasks, seeds, cfg.evaluate.max_steps,
-                                                    cfg.evaluate.latency_calls))
+                                                    cfg.evaluate.latency_calls, device_label(here)))
 
 
 def _ratios(blocks: dict[str, PolicyReport]) -> dict[str, Ratios]:

@@ -1,4 +1,4 @@
-"""The first command on a GPU machine: the smoke config's train-teacher and distill on one GPU, checked.
+"""The first command on a GPU machine: the smoke config's train-teacher, distill and evaluate on one GPU, checked.
 
     python bench/gpu_check.py                      # ~5-8 min on one GPU; collects the smoke shards first
     python bench/gpu_check.py --shards runs/smoke/shards   # reuse a run folder's shards
@@ -15,6 +15,8 @@ What it checks, in order:
    ZeRO stage): more than --memory-slack x the prediction is a mismatch (the plan must never under-predict).
    samples/s is printed with the FLOP/s it implies (plan's FLOPs per sample); at smoke size a GPU is
    launch-bound, so throughput is reported, not judged.
+4. evaluate of that run with run.device=cuda (1 episode per task, at most 50 steps: the rollout workers share
+   the GPU): report.json must exist and give the student's latency, measured on cuda.
 
 Exit codes: 0 every check passed; 1 a mismatch (each is listed) or a job failed; 2 bad arguments;
 3 no GPU on this machine (with --cpu-only-dry-run: the CPU parts ran and passed, nothing was checked on a GPU).
@@ -82,7 +84,7 @@ def build_configs(args: argparse.Namespace) -> Configs:
     fp32 = ["teacher.precision=fp32", "model.attention=sdpa"]
     gpu = ["run.device=cuda", "teacher.precision=bf16", "distill.train.precision=bf16",
            "teacher.activation_checkpointing=true", "distill.train.activation_checkpointing=true",
-           "model.attention=sdpa"]
+           "model.attention=sdpa", "evaluate.episodes_per_task=1", "evaluate.max_steps=50"]
     return Configs(collect=load_config(SMOKE, [f"run.run_dir={root}"]),
                    cpu_fp32=make("cpu_fp32", "run.device=cpu", *fp32),
                    gpu_fp32=make("gpu_fp32", "run.device=cuda", *fp32), gpu_bf16=make("gpu_bf16", *gpu))
@@ -158,6 +160,27 @@ def probe_and_distill(cfg: PipelineConfig) -> Measured:
     return _stage_metrics(cfg, "distill", "train/total")
 
 
+def evaluate(cfg: PipelineConfig) -> list[str]:
+    """The evaluate job on the run's teacher and student; its report must give the student's latency on cuda."""
+    from jobs import evaluate as job
+    from pipeline.evaluate.report import EvaluationReport
+    from pipeline.stages import RunPaths
+
+    started = time.perf_counter()
+    job.main(cfg)
+    print(f"  evaluate on {cfg.run.device}: {time.perf_counter() - started:.0f} s", flush=True)
+    path = RunPaths.of(cfg).evaluate / "report.json"
+    if not path.is_file():
+        return [f"evaluate: no report at {path}"]
+    report = EvaluationReport.read(path)
+    student = report.policies.get("student")
+    where = next((v for k, v in (report.measured_on or {}).items() if "latency_ms_median" in k), "")
+    if student is None or not student.latency_ms_median > 0:
+        return [f"evaluate: {path} gives no student latency"]
+    print(f"  evaluate: student {student.latency_ms_median:.2f} ms median batch-1 latency; measured: {where}")
+    return [] if " on cuda (" in where else [f"evaluate: the latency was not measured on cuda: {where!r}"]
+
+
 def compare_curves(cpu: list[float], gpu: list[float], rtol: float) -> list[str]:
     if len(cpu) != len(gpu) or not cpu:
         return [f"fp32 loss curves differ in length: CPU {len(cpu)} logged steps, GPU {len(gpu)}"]
@@ -226,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     print("3. throughput and memory against `actdistill plan`", flush=True)
     problems += check_memory("train-teacher", cfgs.gpu_bf16, "train-teacher", teacher, args.memory_slack)
     problems += check_memory("distill", cfgs.gpu_bf16, "distill", student, args.memory_slack)
+    print("4. evaluate on the GPU", flush=True)
+    problems += evaluate(cfgs.gpu_bf16)
     for problem in problems:
         print(f"MISMATCH: {problem}")
     print("GPU CHECK PASSED" if not problems else f"GPU CHECK FAILED: {len(problems)} mismatch(es)")

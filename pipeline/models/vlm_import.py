@@ -69,7 +69,7 @@ class Idefics3Vision(nn.Module):
         # Our frames are never padded: every patch is real (the library derives the same all-true mask).
         patches = torch.ones(batch, height // self.patch_size, width // self.patch_size, dtype=torch.bool,
                              device=pixel_values.device)
-        hidden = self.tower(pixel_values=pixel_values.to(self.connector.modality_projection.proj.weight.dtype),
+        hidden = self.tower(pixel_values=pixel_values.to(next(self.connector.parameters()).dtype),
                             patch_attention_mask=patches, return_dict=True).last_hidden_state
         return self.connector(hidden)
 

@@ -3,7 +3,6 @@ teacher's labels and probes, starts the fit and publishes the student."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,15 +25,23 @@ from pipeline.data.shards import open_shards, shuffle_each_epoch, split_episodes
 from pipeline.data.validate import validate_shards
 from pipeline.distill.objective import StudentObjective, teacher_targets
 from pipeline.errors import StaleInput
-from pipeline.models.checkpoint import (PROBES_CONFIG, PolicyCard, load_policy, load_probes, read_policy_config,
-                                       read_probes_config)
-from pipeline.models.student import DistillModule, derive_student
-from pipeline.models.vla import VLA
+from pipeline.models.checkpoint import (
+    PROBES_CONFIG,
+    PolicyCard,
+    load_exactly,
+    policy_weights,
+    probe_weights,
+    read_policy_config,
+    read_probes_config,
+)
+from pipeline.models.graph import ProbeSet
+from pipeline.models.student import DistillModule, student_config
+from pipeline.models.vla import VLA, VLAConfig
 from pipeline.ray_runtime import is_local
 from pipeline.stages import RunPaths
 from pipeline.train.device import move, placement, resolve_device
 from pipeline.train.driver import TrainRun, fit, publish_policy
-from pipeline.train.engine import full_state_dict, make_engine
+from pipeline.train.engine import building, full_state_dict, init_worker, make_engine
 from pipeline.train.loop import Export, Ledger, MetricLog, Tracking, float_dtype, run_steps
 
 
@@ -118,27 +125,38 @@ def _idle_inputs(student: VLA, image_shape: tuple[int, int, int],
             torch.zeros(1, student.cfg.proprio_dim, dtype=dtype, device=device))
 
 
-def _student_objective(job: StudentJob) -> tuple[StudentObjective, PolicyCard]:
-    """Student = teacher weights + router + stage-1 probes; online mode adds frozen copies of both."""
-    teacher, teacher_card = load_policy(job.teacher_uri)
-    probes, _ = load_probes(job.probes_uri)
+def _student_objective(job: StudentJob, device: torch.device) -> tuple[StudentObjective, PolicyCard]:
+    """Student = teacher weights + router + stage-1 probes; online mode adds frozen copies of both (the labellers
+    of stage 1). Built in the training plane's context (partitioned as constructed under ZeRO-3, the frozen copies
+    in the training dtype), then filled tensor by tensor from the mapped teacher and probe files."""
+    teacher_card = read_policy_config(job.teacher_uri)
+    teacher_cfg = VLAConfig(**teacher_card.vla)
+    dims = read_probes_config(job.probes_uri)["dims"]
     static = tuple(job.router.static_layers) if job.router.static_layers else None
-    student = derive_student(teacher, job.router.hidden, static)
+    online = job.distill.teacher_mode == "online"
+    with building(job.distill.train, device):
+        module = DistillModule(VLA(student_config(teacher_cfg, job.router.hidden, static)), ProbeSet(**dims))
+        frozen = (VLA(teacher_cfg), ProbeSet(**dims)) if online else (None, None)
+        objective = StudentObjective(module, job.router, job.distill, *frozen)
+    weights, probes = policy_weights(job.teacher_uri, teacher_card), probe_weights(job.probes_uri)
+    load_exactly(module.student, weights, allowed_missing="router")   # the router is the student's own, fresh
+    load_exactly(module.probes, probes)
+    if objective.teacher is not None and objective.teacher_probes is not None:
+        load_exactly(objective.teacher, weights)
+        load_exactly(objective.teacher_probes, probes)
     if job.distill.objective == "action_regression":
-        probes.requires_grad_(False)   # no per-layer terms: the probes get no gradient and are not exported
-    module = DistillModule(student, probes)
-    if job.distill.teacher_mode == "cached":
-        return StudentObjective(module, job.router, job.distill), teacher_card
-    # The frozen copy is taken before training touches the student's probes: the labellers of stage 1.
-    return StudentObjective(module, job.router, job.distill, teacher, copy.deepcopy(probes)), teacher_card
+        module.probes.requires_grad_(False)   # no per-layer terms: the probes get no gradient and are not exported
+    return objective, teacher_card
 
 
 def student_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """Stage 2: the routed student (teacher weights + router + stage-1 probes) under the ActDistill loss."""
     job: StudentJob = loop_config["job"]
     train = job.distill.train
-    torch.manual_seed(job.seed)
-    objective, teacher_card = _student_objective(job)
+    torch.manual_seed(job.seed)   # the fresh router: identical on every rank
+    device = ray.train.torch.get_device()   # this worker's GPU when the driver asked for GPUs, else cpu
+    init_worker(device)
+    objective, teacher_card = _student_objective(job, device)
     for vla in (objective.distill.student, objective.teacher):   # the teacher: online mode only
         if vla is not None:
             vla.set_attention(job.attention)
@@ -146,7 +164,6 @@ def student_fn_per_worker(loop_config: dict[str, Any]) -> None:
         objective.distill.student.checkpoint_layers()
     student_cfg = objective.distill.student.cfg
     own_lr = {"distill.student.router": job.router.lr} if job.router.lr else None
-    device = ray.train.torch.get_device()   # this worker's GPU when the driver asked for GPUs, else cpu
     engine, _ = make_engine(objective, train, own_lr, device=device)
     normalizer = Normalizer.from_dict(teacher_card.normalizer)
     rank = ray.train.get_context().get_world_rank()
@@ -174,8 +191,7 @@ def student_fn_per_worker(loop_config: dict[str, Any]) -> None:
         return {"val_action_mse": val, "step": step}
 
     def state() -> dict[str, torch.Tensor]:
-        prefix = "distill.student."
-        return {k.removeprefix(prefix): v for k, v in full_state_dict(engine).items() if k.startswith(prefix)}
+        return full_state_dict(engine, "distill.student.")
 
     run_steps(engine, train, job.seed, log, Ledger(job.ledger_dir, rank), Export(state, student_cfg, job.card),
               step_fn, eval_fn, job.eval_every)

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
-from transformers import (GemmaConfig, GemmaModel, LlamaConfig, LlamaModel, MistralConfig, MistralModel,
-                          PretrainedConfig, Qwen2Config, Qwen2Model)
+from transformers import (
+    GemmaConfig,
+    GemmaModel,
+    LlamaConfig,
+    LlamaModel,
+    MistralConfig,
+    MistralModel,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen2Model,
+)
+from transformers.modeling_utils import PreTrainedModel
 
 # name (the config.json model_type) -> (config class, model class). Any decoder whose model exposes `.layers`
 # (a ModuleList of decoder layers) and `.embed_tokens` and accepts `inputs_embeds` can be added here; the
@@ -70,10 +83,29 @@ def backbone_dims(hf_config: dict[str, Any]) -> dict[str, Any]:
             "intermediate_size": hf_config["intermediate_size"], "vocab_size": hf_config["vocab_size"]}
 
 
+@contextmanager
+def _init_deferred_under_zero3() -> Iterator[None]:
+    """Inside deepspeed.zero.Init each submodule is partitioned as soon as it is built, so the Hugging Face weight
+    init that runs at the end of the decoder's constructor sees empty partitions (and fails on the padding row).
+    There it is skipped, as from_config does under ZeRO-3, and run afterwards on gathered parameters
+    (pipeline.train.engine.init_fresh_decoder) unless a file fills the decoder. Elsewhere: nothing changes."""
+    partitioning = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    if partitioning is None or not partitioning.zero_init_context:
+        yield
+        return
+    original = PreTrainedModel.init_weights
+    PreTrainedModel.init_weights = lambda self: None
+    try:
+        yield
+    finally:
+        PreTrainedModel.init_weights = original
+
+
 def build_backbone(name: str, config: PretrainedConfig) -> nn.Module:
     """Instantiate the decoder (random weights; checkpoints are loaded afterwards)."""
     _, model_cls = _family(name)
-    model = model_cls(config)
+    with _init_deferred_under_zero3():
+        model = model_cls(config)
     if not isinstance(getattr(model, "layers", None), nn.ModuleList):
         raise TypeError(f"backbone {name!r} does not expose its decoder layers as `.layers`")
     return model

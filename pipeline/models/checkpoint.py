@@ -8,14 +8,16 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from safetensors.torch import load, save
+from safetensors.torch import save
+from torch import nn
 
 from pipeline.data import storage
 from pipeline.data.batches import Normalizer
 from pipeline.data.manifest import Manifest
-from pipeline.errors import MissingInput
+from pipeline.errors import BadInput, MissingInput, StaleInput
 from pipeline.models.graph import ProbeSet
 from pipeline.models.vla import VLA, VLAConfig
+from pipeline.models.weights import MappedSafetensors, TensorSource, file_hash, local_copy, stream_into, targets
 
 WEIGHTS, CONFIG, PROBES, PROBES_CONFIG = "model.safetensors", "config.json", "probes.safetensors", "probes.json"
 
@@ -83,16 +85,40 @@ def read_policy_config(uri: str) -> PolicyCard:
     return PolicyCard.model_validate_json(storage.read_bytes(path))
 
 
-def load_policy(uri: str) -> tuple[VLA, PolicyCard]:
-    """Rebuild a VLA from a checkpoint folder; the weights' hash is checked against config.json."""
-    card = read_policy_config(uri)
-    data = storage.read_bytes(storage.join(uri, WEIGHTS))
-    digest = weights_hash(data)
+def policy_weights(uri: str, card: PolicyCard | None = None) -> TensorSource:
+    """The policy folder's weights, memory-mapped (an s3:// file copied once to the node), after checking their
+    hash against config.json: a folder mixing two checkpoints is refused before any weight is used."""
+    card = card or read_policy_config(uri)
+    path = local_copy(storage.join(uri, WEIGHTS))
+    digest = file_hash(path)
     if digest != card.weights_sha256_16 or card.vla is None:
-        raise ValueError(f"{storage.join(uri, WEIGHTS)} has hash {digest} but {CONFIG} records "
+        raise StaleInput(f"{storage.join(uri, WEIGHTS)} has hash {digest} but {CONFIG} records "
                          f"{card.weights_sha256_16}: the folder mixes two checkpoints; re-export it")
+    return TensorSource([MappedSafetensors(path)], uri)
+
+
+def load_exactly(module: nn.Module, source: TensorSource, allowed_missing: str | None = None) -> int:
+    """Every weight of `module` from `source`, by name, streamed tensor by tensor (ZeRO-3 partitions too). A tensor
+    of the file the module has no place for, or a weight the file lacks (other than under `allowed_missing.`,
+    e.g. a student's fresh router), is an error naming them."""
+    own = set(targets(module))
+    unexpected = sorted(set(source.names()) - own)
+    missing = sorted(k for k in own - set(source.names())
+                     if allowed_missing is None or not k.startswith(allowed_missing + "."))
+    if unexpected or missing:
+        raise BadInput(f"{source.where}: the weights do not fit the model built from its config: "
+                       f"{len(missing)} missing ({', '.join(missing[:5])}), {len(unexpected)} unexpected "
+                       f"({', '.join(unexpected[:5])}); re-export the checkpoint")
+    return stream_into(module, source, {k: k for k in own if k in source})
+
+
+def load_policy(uri: str) -> tuple[VLA, PolicyCard]:
+    """Rebuild a VLA from a checkpoint folder; the weights' hash is checked against config.json, and the
+    weights are copied straight from the mapped file (host RAM: the model, not the model and its file)."""
+    card = read_policy_config(uri)
+    weights = policy_weights(uri, card)
     model = VLA(VLAConfig(**card.vla))
-    model.load_state_dict(load(data), strict=True)
+    load_exactly(model, weights)
     return model.eval(), card
 
 
@@ -113,8 +139,12 @@ def read_probes_config(uri: str) -> dict[str, Any]:
     return json.loads(storage.read_bytes(path))
 
 
+def probe_weights(uri: str) -> TensorSource:
+    return TensorSource.open(uri, [PROBES])
+
+
 def load_probes(uri: str) -> tuple[ProbeSet, dict[str, Any]]:
     meta = read_probes_config(uri)
     probes = ProbeSet(**meta["dims"])
-    probes.load_state_dict(load(storage.read_bytes(storage.join(uri, PROBES))), strict=True)
+    load_exactly(probes, probe_weights(uri))
     return probes, meta

@@ -10,14 +10,12 @@ import json
 import re
 from typing import Any
 
-import torch
-from safetensors.torch import load
-
 from pipeline.data import storage
 from pipeline.errors import MissingInput
 from pipeline.models.backbones import BACKBONES, backbone_dims
 from pipeline.models.tokenizer import read_tokenizer_files
 from pipeline.models.vla import VLA
+from pipeline.models.weights import TensorSource, stream_into, targets
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -72,37 +70,27 @@ def _hf_name(our_key: str) -> str:
     return "model." + our_key.removeprefix("backbone.").replace(".layer.", ".", 1)
 
 
-def _read_tensors(uri: str) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for name in _shard_names(uri):
-        tensors.update(load(storage.read_bytes(storage.join(uri, name))))
-    return tensors
-
-
 def load_hf_backbone(vla: VLA, uri: str) -> dict[str, int]:
-    """Copy every backbone weight from the checkpoint. A tensor that maps to nothing in the decoder, a missing
-    one or a mis-shaped one is an error naming it: a silent mismatch would train a half-random teacher."""
-    own = vla.state_dict()
-    wanted = {k for k in own if k.startswith("backbone.")}
-    tensors = _read_tensors(uri)
-    unused = sorted(k for k in tensors if _unused(k))
-    loaded = {_our_key(k): (k, t) for k, t in tensors.items() if not _unused(k)}
-    unmapped = sorted(hf_key for key, (hf_key, _) in loaded.items() if key not in wanted)
+    """Copy every backbone weight from the checkpoint, one tensor at a time from the mapped safetensors shards
+    (under ZeRO-3 each worker copies only its partition). A tensor that maps to nothing in the decoder, a missing
+    one or a mis-shaped one is an error naming it, raised before any weight is copied: a silent mismatch would
+    train a half-random teacher."""
+    wanted = {k for k in targets(vla) if k.startswith("backbone.")}
+    source = TensorSource.open(uri, _shard_names(uri))
+    unused = sorted(k for k in source.names() if _unused(k))
+    loaded = {_our_key(k): k for k in source.names() if not _unused(k)}
+    unmapped = sorted(hf_key for key, hf_key in loaded.items() if key not in wanted)
     if unmapped:
         raise ValueError(f"{uri} holds {len(unmapped)} tensor(s) that map to nothing in the {vla.cfg.backbone} "
                          f"decoder: {', '.join(unmapped[:5])}; is config.json's model_type the architecture "
                          f"these weights were saved from?")
     embed = "backbone.embed_tokens.weight"
-    if embed not in loaded and "lm_head.weight" in tensors and (vla.cfg.hf_config or {}).get("tie_word_embeddings"):
-        loaded[embed] = ("lm_head.weight", tensors["lm_head.weight"])   # tied: saved once, under the head's name
+    if embed not in loaded and "lm_head.weight" in source and (vla.cfg.hf_config or {}).get("tie_word_embeddings"):
+        loaded[embed] = "lm_head.weight"   # tied: saved once, under the head's name
     missing = sorted(wanted - set(loaded))
     if missing:
         names = ", ".join(_hf_name(k) for k in missing[:5])
         raise ValueError(f"{uri} lacks {len(missing)} decoder tensor(s): {names}; is it the same architecture "
                          f"and size as its config.json says?")
-    for key, (hf_key, tensor) in loaded.items():
-        if tensor.shape != own[key].shape:
-            raise ValueError(f"{uri}: {hf_key} has shape {tuple(tensor.shape)} but the VLA expects "
-                             f"{tuple(own[key].shape)}; build the VLA from this folder's config.json")
-    vla.load_state_dict({key: tensor for key, (_, tensor) in loaded.items()}, strict=False)
+    stream_into(vla, source, loaded)   # a mis-shaped tensor: BadInput naming it
     return {"loaded": len(loaded), "skipped": len(unused)}

@@ -147,6 +147,9 @@ class GatedLayer(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            # Before __init__ has run (deepspeed.zero.Init probes attributes then) there is no layer to ask.
+            if "layer" not in self.__dict__.get("_modules", {}):
+                raise
             return getattr(self._modules["layer"], name)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

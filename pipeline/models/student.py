@@ -6,15 +6,20 @@ import torch
 from torch import nn
 
 from pipeline.models.graph import ProbeSet
-from pipeline.models.vla import VLA
+from pipeline.models.vla import VLA, VLAConfig
+
+
+def student_config(teacher: VLAConfig, router_hidden: int, static_layers: tuple[int, ...] | None = None) -> VLAConfig:
+    """The teacher's architecture with a router of width `router_hidden` (or, static_layers given, a fixed subset)."""
+    update = ({"router_hidden": None, "static_layers": tuple(static_layers)} if static_layers
+              else {"router_hidden": router_hidden})
+    return teacher.model_copy(update=update)
 
 
 def derive_student(teacher: VLA, router_hidden: int, static_layers: tuple[int, ...] | None = None) -> VLA:
     """A copy of the teacher's weights with a router (or, static_layers given, a fixed layer subset);
     with the router forced open it is the teacher."""
-    update = ({"router_hidden": None, "static_layers": tuple(static_layers)} if static_layers
-              else {"router_hidden": router_hidden})
-    student = VLA(teacher.cfg.model_copy(update=update))
+    student = VLA(student_config(teacher.cfg, router_hidden, static_layers))
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
     if unexpected or any(not k.startswith("router.") for k in missing):
         raise RuntimeError(f"teacher and student disagree beyond the router: missing={missing} "

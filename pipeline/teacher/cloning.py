@@ -25,7 +25,7 @@ from pipeline.ray_runtime import is_local
 from pipeline.stages import RunPaths
 from pipeline.train.device import placement, resolve_device
 from pipeline.train.driver import TrainRun, fit, publish_policy
-from pipeline.train.engine import full_state_dict, make_engine
+from pipeline.train.engine import building, full_state_dict, init_fresh_decoder, init_worker, make_engine
 from pipeline.train.loop import Export, Ledger, MetricLog, Tracking, float_dtype, run_steps
 
 
@@ -67,12 +67,17 @@ def teacher_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """Behaviour cloning of the teacher VLA on expert actions (normalised MSE)."""
     job: TeacherJob = loop_config["job"]
     torch.manual_seed(job.seed)  # identical initial weights on every rank
-    vla = VLA(job.vla).set_attention(job.model.attention)
+    device = ray.train.torch.get_device()   # this worker's GPU when the driver asked for GPUs, else cpu
+    init_worker(device)
+    with building(job.train, device):   # ZeRO-3: partitioned as it is constructed
+        vla = VLA(job.vla)
+    vla.set_attention(job.model.attention)
     if job.model.pretrained_backbone:
-        load_hf_backbone(vla, job.model.pretrained_backbone)
+        load_hf_backbone(vla, job.model.pretrained_backbone)   # streamed in per tensor from the mapped files
+    elif job.train.zero_stage == 3:
+        init_fresh_decoder(vla.backbone)
     if job.train.activation_checkpointing:
         vla.checkpoint_layers()
-    device = ray.train.torch.get_device()   # this worker's GPU when the driver asked for GPUs, else cpu
     engine, _ = make_engine(_TeacherObjective(vla), job.train, device=device)
     normalizer = Normalizer.from_dict(job.card.normalizer)
     rank = ray.train.get_context().get_world_rank()
@@ -87,7 +92,7 @@ def teacher_fn_per_worker(loop_config: dict[str, Any]) -> None:
         return loss, {"action_mse": float(loss.detach()), **placement(engine, device, images, proprio)}
 
     def state() -> dict[str, torch.Tensor]:
-        return {k.removeprefix("vla."): v for k, v in full_state_dict(engine).items()}
+        return full_state_dict(engine, "vla.")
 
     run_steps(engine, job.train, job.seed, MetricLog(job.tracking, rank == 0), Ledger(job.ledger_dir, rank),
               Export(state, job.vla, job.card), step_fn)

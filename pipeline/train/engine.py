@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import math
@@ -13,6 +14,8 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.config import TrainSection
+
+TRAIN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def deepspeed_config(train: TrainSection, device: str = "cpu") -> dict[str, Any]:
@@ -92,6 +95,48 @@ def param_groups(model: nn.Module, own_lr: dict[str, float]) -> list[dict[str, A
     return [{"params": groups[""]}, *({"params": groups[pre], "lr": lr} for pre, lr in own_lr.items() if groups[pre])]
 
 
+def init_worker(device: torch.device) -> None:
+    """This worker's accelerator and the DeepSpeed process group on the one Ray Train set up (gloo on CPU, NCCL on
+    GPUs). Before anything is built: a ZeRO-3 model is partitioned as it is constructed (see `building`)."""
+    _skip_shm_comm_build()
+    import deepspeed
+
+    _match_accelerator(device.type)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)   # zero.Init allocates partitions on the current device
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def building(train: TrainSection, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """The context to construct the trained model in. ZeRO-3: `deepspeed.zero.Init`, so every parameter is
+    partitioned over the workers, in the training dtype, as soon as its module is built; no worker ever holds the
+    whole model (27 GB in fp32 at 7B). Weights are then streamed in per tensor (pipeline.models.weights), and a
+    decoder that no file fills is initialised by `init_fresh_decoder`. ZeRO 0-2: nothing (today's whole build).
+
+    RoPE's inverse frequencies are built with torch.arange, which zero.Init would cast to bf16; transformers'
+    own guard keeps them fp32, as from_pretrained does."""
+    if train.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(prevent_arange_dtype_change())   # must be entered before zero.Init
+    # The dtype comes from the config's bf16/fp16 sections (fp32 when neither is on). Not dtype=: DeepSpeed 0.19.8
+    # reads `dtype or fp16 if fp16 is supported else bf16 ...`, so on a CPU it built fp32 runs in bf16.
+    stack.enter_context(deepspeed.zero.Init(config_dict_or_path=deepspeed_config(train, device.type)))
+    return stack
+
+
+def init_fresh_decoder(decoder: nn.Module) -> None:
+    """A from-scratch decoder built under zero.Init: Hugging Face's weight init ran on empty partitions (a no-op),
+    so run it again the way from_config does under ZeRO-3, each module's parameters gathered in turn and
+    initialised on rank 0. Not needed, and skipped, when a file fills the decoder."""
+    from transformers.integrations.deepspeed import initialize_weights_zero3
+
+    initialize_weights_zero3(decoder)
+
+
 def make_engine(model: nn.Module, train: TrainSection, own_lr: dict[str, float] | None = None,
                 device: torch.device | None = None) -> tuple[Any, torch.optim.Optimizer]:
     """Wrap `model` in a DeepSpeed engine on the process group Ray Train already set up (gloo on CPU, NCCL on
@@ -100,12 +145,10 @@ def make_engine(model: nn.Module, train: TrainSection, own_lr: dict[str, float] 
     own_lr: module prefix -> peak LR for parameters that learn at another rate than train.lr (the
     router); the warm-up + cosine schedule scales every group alike."""
     device = device or torch.device("cpu")
-    _skip_shm_comm_build()
+    init_worker(device)
     import deepspeed
 
     gpu = device.type == "cuda"
-    _match_accelerator(device.type)
-    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
     ds_config = deepspeed_config(train, device.type)
     groups = param_groups(model.to(device), own_lr or {})
 
@@ -136,12 +179,31 @@ def close_engine(engine: Any) -> None:
         dist.barrier()
 
 
-def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
-    """Consolidated fp32 weights on every rank (gathers ZeRO-3 partitions; a no-op copy otherwise)."""
-    module = engine.module
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
+def full_state_dict(engine: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The weights under `prefix` (names without it), consolidated, in the parameters' own dtype (bf16 or fp16
+    when training in 16 bits; the fp32 master copy stays with the optimizer): what a policy checkpoint holds.
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().float().clone().cpu() for k, v in module.state_dict().items()}
-    return {k: v.detach().float().clone().cpu() for k, v in module.state_dict().items()}
+    ZeRO-3: a collective every rank calls, gathering one module's parameters at a time; only rank 0 keeps a
+    copy, in host RAM, and the other ranks return {}. So the export never holds more than one module whole on
+    any GPU, and the whole model only once, on rank 0's host. ZeRO 0-2: every rank has every weight; each
+    returns the state."""
+    module = engine.module
+    wanted = {k: v for k, v in module.state_dict(keep_vars=True).items() if k.startswith(prefix)}
+    if engine.zero_optimization_stage() != 3:
+        return {k.removeprefix(prefix): v.detach().clone().cpu() for k, v in wanted.items()}
+    import deepspeed
+
+    keep = not dist.is_initialized() or dist.get_rank() == 0
+    state: dict[str, torch.Tensor] = {}
+    for name, sub in module.named_modules():
+        own = [(f"{name}.{p}" if name else p, t) for p, t in sub.named_parameters(recurse=False)]
+        own = [(k, t) for k, t in own if k in wanted]
+        if not own:
+            continue
+        with deepspeed.zero.GatheredParameters([t for _, t in own], modifier_rank=None):
+            if keep:
+                state.update({k: t.detach().to("cpu", copy=True) for k, t in own})
+    if not keep:
+        return {}
+    # Persistent buffers are never partitioned: copied as they are.
+    return {k.removeprefix(prefix): state[k] if k in state else v.detach().clone().cpu() for k, v in wanted.items()}

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import TrainSection
 from pipeline.models.checkpoint import PolicyCard, save_state
 from pipeline.models.vla import VLAConfig
-from pipeline.train.engine import close_engine
+from pipeline.train.engine import TRAIN_DTYPES, close_engine
 
 # Inside every Ray checkpoint: DeepSpeed's resumable state (one shard per rank), the exported policy
 # (model.safetensors + config.json, from rank 0) and the progress (optimizer steps done, metrics).
@@ -139,7 +139,7 @@ def micro_batch_seed(seed: int, rank: int, micro: int) -> int:
 
 
 def float_dtype(train: TrainSection) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision, torch.float32)
+    return TRAIN_DTYPES[train.precision]
 
 
 def _restore(engine: Any) -> tuple[int, dict[str, float]]:

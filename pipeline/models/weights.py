@@ -44,14 +44,16 @@ class MappedSafetensors:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             try:
                 (length,) = struct.unpack("<Q", f.read(8))
+                if length > size - 8:
+                    raise ValueError(f"its header claims {length} bytes of a {size}-byte file")
                 self.header: dict[str, Any] = json.loads(f.read(length))
             except (struct.error, ValueError, UnicodeDecodeError) as exc:
                 raise BadInput(f"{self.path} is not a safetensors file ({exc}); save weights with "
                                f"safetensors (save_pretrained(..., safe_serialization=True))") from None
             self._base = 8 + length
-            size = os.fstat(f.fileno()).st_size
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > self._base else None
         self.header.pop("__metadata__", None)
 

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,7 +319,8 @@ class Fit:
     states: StateMemory
     activations: float      # at the configured micro-batch
     max_micro_batch: int    # the largest micro-batch that fits; 0: none
-    host_ok: bool           # offload: the node's RAM holds DeepSpeed's CPU estimate
+    host: float             # host RAM per node (host_per_node)
+    host_ok: bool           # the node's RAM (--cpu-memory-gib) holds `host`; offload needs it stated
 
     @property
     def total(self) -> float:
@@ -332,16 +334,32 @@ def _micro_batch_for(samples: int, limit: int) -> int:
     return max((b for b in range(1, samples + 1) if samples % b == 0 and b <= limit), default=0)
 
 
+# Host RAM of one GPU worker process besides what offload puts there: a CPU worker's 0.7 GiB (WORKER_BASELINE)
+# plus the CUDA context and kernels' host side (~1.5 GiB). An estimate: no GPU worker was measured here yet.
+GPU_WORKER_HOST = 2.2 * GIB
+
+
+def host_per_node(option: Option, states: StateMemory, cluster: Cluster, exported: float) -> float:
+    """Host RAM one node needs: its worker processes, what offload moves there, and (rank 0's node) the student
+    consolidated in bf16 at each checkpoint (`exported` parameters). Weights are streamed from memory-mapped
+    checkpoint files: page cache, which the kernel reclaims, not counted; no worker builds the model whole."""
+    offloaded = states.host if option.offload_optimizer else 0.0
+    return cluster.gpus_per_node * GPU_WORKER_HOST + offloaded + 2 * exported
+
+
 def fit_option(option: Option, params: Params, cluster: Cluster, train: TrainSection, ds_config: dict[str, Any],
-               per_sample: float, online: bool) -> Fit:
+               per_sample: float, online: bool, exported: float) -> Fit:
     states = state_memory(option, params, cluster, ds_config, online)
     room = cluster.usable - states.resident
-    host_ok = not option.offload_optimizer or (
-        cluster.cpu_memory_gib is not None and states.host <= cluster.cpu_memory_gib * GIB)
+    host = host_per_node(option, states, cluster, exported)
+    if cluster.cpu_memory_gib is None:
+        host_ok = not option.offload_optimizer   # offload is considered only with the nodes' RAM stated
+    else:
+        host_ok = host <= cluster.cpu_memory_gib * GIB
     limit = int(room // per_sample) if room > 0 and host_ok and states.gpu <= cluster.usable else 0
     samples = train.batch_size * train.grad_accum
     return Fit(option=option, states=states, activations=per_sample * train.batch_size,
-               max_micro_batch=_micro_batch_for(samples, min(limit, train.batch_size)), host_ok=host_ok)
+               max_micro_batch=_micro_batch_for(samples, min(limit, train.batch_size)), host=host, host_ok=host_ok)
 
 
 def choose(fits: list[Fit]) -> Fit | None:
@@ -362,14 +380,15 @@ def min_gpus_zero3(params: Params, cluster: Cluster, ds_config: dict[str, Any], 
 
 # ---------------------------------------------------------------- the DeepSpeed config
 
-def planned_deepspeed_config(train: TrainSection, option: Option, micro_batch: int) -> dict[str, Any]:
+def planned_deepspeed_config(train: TrainSection, option: Option, micro_batch: int,
+                             hidden_size: int | None = None) -> dict[str, Any]:
     """`deepspeed_config` of the job's train section with the chosen stage, bf16 and offload."""
     from pipeline.train.engine import deepspeed_config
 
     samples = train.batch_size * train.grad_accum
     planned = train.model_copy(update={"zero_stage": option.stage, "precision": "bf16", "batch_size": micro_batch,
                                        "grad_accum": samples // micro_batch, "offload": _offload_key(option)})
-    return deepspeed_config(planned)
+    return deepspeed_config(planned, "cuda", hidden_size)
 
 
 def _offload_key(option: Option) -> str:
@@ -422,20 +441,107 @@ def make_plan(cfg: PipelineConfig, cluster: Cluster, variant_name: str | None = 
     per_sample = activations["total"]
     # An online teacher runs under no_grad before the student and its hidden states are freed once its
     # probes have read them: it adds its weights, not activations, to the peak.
-    fits = {mode: [fit_option(o, params, cluster, train, planned_deepspeed_config(train, o, train.batch_size),
-                              per_sample, mode == "online") for o in OPTIONS] for mode in _modes(job)}
+    exported = params.teacher + (params.router if job == "distill" else 0.0)
+    h = vla.hidden_size
+    fits = {mode: [fit_option(o, params, cluster, train, planned_deepspeed_config(train, o, train.batch_size, h),
+                              per_sample, mode == "online", exported) for o in OPTIONS] for mode in _modes(job)}
     mode: TeacherMode = cfg.distill.teacher_mode if job == "distill" else "cached"
     choice = choose(fits[mode])
     ds = None
     if choice is not None:
-        ds = planned_deepspeed_config(train, choice.option, choice.max_micro_batch)
+        ds = planned_deepspeed_config(train, choice.option, choice.max_micro_batch, h)
         check_deepspeed_config(ds)
     return Plan(job=job, teacher_mode=mode, model_name=variant_name or f"model section ({vla.backbone})",
                 vla=vla, graph_width=cfg.model.graph_width, cluster=cluster, train=train, params=params,
                 flops=flops_per_sample(vla, cfg.model, cfg.router.hidden, cfg.router.budget, job),
                 activations=activations, fits=fits, choice=choice, deepspeed=ds,
-                min_gpus=min_gpus_zero3(params, cluster, planned_deepspeed_config(train, OPTIONS[1], 1),
+                min_gpus=min_gpus_zero3(params, cluster, planned_deepspeed_config(train, OPTIONS[1], 1, h),
                                         per_sample))
+
+
+# ---------------------------------------------------------------- CPU workers: host memory per process
+
+# Resident memory of one Ray Train worker before its model is built: Python, torch, DeepSpeed, transformers, Ray and
+# Ray Data imported, the gloo group up, a tiny model training. Measured as the peak RSS of a smoke-size distill
+# worker (a 2 x 32 decoder under ZeRO-3: its model states are ~1 MB) on this stack: 0.66 and 0.71 GiB (2 workers).
+WORKER_BASELINE = 0.7 * GIB
+_ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    """Host bytes of one training worker that computes on the CPU (every byte of its model states is host
+    memory), per term; rank 0 also holds the consolidated export at each checkpoint."""
+
+    params: Params
+    tokens: int                   # per sample
+    breakdown: dict[str, float]   # every rank
+    export: float                 # rank 0 only, at a checkpoint: the student consolidated in the training dtype
+    flops_per_step: float         # per worker: its micro-batches' forward + backward (+ the online teacher)
+
+    @property
+    def other(self) -> float:
+        return sum(self.breakdown.values())
+
+    @property
+    def rank0(self) -> float:
+        return self.other + self.export
+
+
+def cpu_worker_bytes(params: Params, train: TrainSection, online: bool, activations_per_sample: float,
+                     student: float, hidden_size: int) -> tuple[dict[str, float], float]:
+    """(per-worker terms, rank 0's export) in bytes. ZeRO-3 shards weights, gradients and AdamW state over the
+    workers; ZeRO-1/2 shard the optimizer state (2: gradients too); ZeRO-0 shards nothing. In fp32 DeepSpeed
+    updates the weights in place (no separate master copy); in 16 bits it keeps an fp32 master partition."""
+    n, stage, w = train.num_workers, train.zero_stage, _ITEMSIZE[train.precision]
+    p = params.trained
+    weights_shards = n if stage == 3 else 1
+    terms = {"baseline": WORKER_BASELINE,
+             "weights": w * p / weights_shards,
+             "master": 0.0 if w == 4 else 4 * p / (n if stage else 1),
+             "gradients": w * p / (n if stage >= 2 else 1),
+             "adam": 8 * p / (n if stage else 1),
+             "frozen teacher": w * params.frozen / weights_shards if online else 0.0,
+             "activations": activations_per_sample * train.batch_size * (4 / 2 if w == 4 else 1)}
+    if stage == 3:
+        # The layer being computed, gathered whole, and its gradient before the reduce-scatter; the prefetch and
+        # reduce buckets (0.9 h^2 and h^2 elements, pipeline.train.engine.zero3_buckets).
+        terms["gathered layer"] = 2 * w * params.largest_layer
+        terms["ZeRO buckets"] = w * 1.9 * hidden_size**2
+    return terms, w * student
+
+
+def cpu_plan(cfg: PipelineConfig, image_shape: tuple[int, int, int], proprio_dim: int, action_dim: int) -> CpuPlan:
+    """`plan --device cpu` for the distill job of `cfg`: host memory per worker and FLOPs per optimizer step."""
+    vla = teacher_config(cfg.model, list(image_shape), proprio_dim, action_dim)
+    train = cfg.distill.train
+    params = count_params(vla, cfg.model, cfg.router.hidden, "distill")
+    # activation_bytes_per_sample counts bf16 activations; fp32 keeps twice the bytes (scaled in cpu_worker_bytes).
+    per_sample = activation_bytes_per_sample(vla, cfg.model, "distill")["total"]
+    online = cfg.distill.teacher_mode == "online"
+    terms, export = cpu_worker_bytes(params, train, online, per_sample, params.teacher + params.router,
+                                     vla.hidden_size)
+    flops = flops_per_sample(vla, cfg.model, cfg.router.hidden, cfg.router.budget, "distill")
+    step = flops["train_step"] + (flops["online_teacher"] if online else 0.0)
+    return CpuPlan(params=params, tokens=vla.seq_len, breakdown=terms, export=export,
+                   flops_per_step=step * train.batch_size * train.grad_accum)
+
+
+def matmul_flops_per_s(size: int = 1024, repeats: int = 8) -> float:
+    """This machine's fp32 matrix-product rate on one thread (a CPU training worker runs one): the best of
+    `repeats` size x size products."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return 2.0 * size**3 / best
 
 
 # ---------------------------------------------------------------- rendering
@@ -502,8 +608,7 @@ def _render_memory(plan: Plan, mode: TeacherMode) -> list[str]:
     if mode == "online":
         rows.insert([r[0] for r in rows].index("model states"), ("frozen teacher", lambda f: f.states.frozen))
     lines += [f"  {name:22}" + "".join(f"{_g(get(f)):>12}" for f in fits) for name, get in rows]
-    lines.append(f"  {'host RAM per node':22}" + "".join(
-        f"{(_g(f.states.host) if f.option.offload_optimizer else '-'):>12}" for f in fits))
+    lines.append(f"  {'host RAM per node':22}" + "".join(f"{_g(f.host):>12}" for f in fits))
     lines.append(f"  {'max micro-batch':22}" + "".join(
         f"{(str(f.max_micro_batch) if f.host_ok else 'no RAM'):>12}" for f in fits))
     a, batch = plan.activations, plan.train.batch_size
@@ -522,8 +627,16 @@ def _render_verdict(plan: Plan, out: Path | None) -> list[str]:
                 if plan.min_gpus else f"no GPU count of {c.gpu_memory_gib:g} GiB holds one sample's activations")
         offload = "" if c.cpu_memory_gib else "; pass --cpu-memory-gib (RAM per node) to consider CPU offload"
         one = plan.activations["total"]
+        fits = plan.fits[plan.teacher_mode]
+        if c.cpu_memory_gib is not None and not any(f.host_ok for f in fits):
+            least = min(fits, key=lambda f: f.host)
+            return [f"DOES NOT FIT{mode}: the nodes' RAM: every option needs more host memory per node than "
+                    f"--cpu-memory-gib={c.cpu_memory_gib:g}; the least is {least.host / GIB:.1f} GiB "
+                    f"({least.option.name}: {c.gpus_per_node} worker processes, the bf16 export on rank 0's node"
+                    f"{', offloaded states' if least.option.offload_optimizer else ''});",
+                    "  use nodes with more RAM or fewer GPUs per node (--gpus-per-node)"]
         peak, name = min((f.states.resident + max(f.states.fp32_grads, one), f.option.name)
-                         for f in plan.fits[plan.teacher_mode] if f.host_ok)
+                         for f in fits if f.host_ok)
         return [f"DOES NOT FIT{mode}: even at micro-batch 1 the smallest peak is {peak / GIB:.1f} GiB "
                 f"({name}) of {c.usable / GIB:.1f} GiB usable per GPU;",
                 f"  {need}{offload}"]
@@ -571,10 +684,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", help="a named decoder from pipeline/models/variants.py, e.g. llama2-7b "
                                      "(default: the config's model section)")
     p.add_argument("--job", choices=["distill", "train-teacher"], default="distill")
-    p.add_argument("--gpus", type=int, required=True, help="GPUs in the cluster, e.g. 8")
-    p.add_argument("--gpu-memory-gib", type=float, required=True, help="memory of one GPU, e.g. 80")
+    p.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
+                   help="gpu (default): size for a GPU cluster; cpu: host memory per CPU training worker of the "
+                        "config's distill job (its num_workers, precision and ZeRO stage), as bench/scale.py measures")
+    p.add_argument("--gpus", type=int, help="GPUs in the cluster, e.g. 8 (required with --device gpu)")
+    p.add_argument("--gpu-memory-gib", type=float, help="memory of one GPU, e.g. 80 (required with --device gpu)")
     p.add_argument("--gpus-per-node", type=int, help="default: the largest divisor of --gpus up to 8")
-    p.add_argument("--cpu-memory-gib", type=float, help="RAM per node; CPU offload is considered only with it")
+    p.add_argument("--cpu-memory-gib", type=float, help="RAM per node: plans needing more are refused; CPU offload "
+                                                        "is considered only with it")
     p.add_argument("--headroom", type=float, default=0.10, help="GPU memory kept free (default 0.10)")
     p.add_argument("--image-size", type=int, help="default: collect.image_size")
     p.add_argument("--proprio-dim", type=int, default=PROPRIO_DIM)
@@ -584,11 +701,43 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def render_cpu(plan: CpuPlan, train: TrainSection, ram_gib: float | None) -> tuple[str, bool]:
+    """The CPU plan's text and whether it fits `ram_gib` (None: not checked)."""
+    need = train.num_workers * plan.other + plan.export
+    lines = [f"actdistill plan --device cpu: distill on {train.num_workers} CPU workers, ZeRO-{train.zero_stage}, "
+             f"{train.precision}, micro-batch {train.batch_size}, {plan.tokens} tokens per sample",
+             f"parameters: trained {_m(plan.params.trained)}, frozen {_m(plan.params.frozen)}",
+             "host memory per worker, GiB:"]
+    lines += [f"  {name:22}{_g(value):>10}" for name, value in plan.breakdown.items()]
+    lines += [f"  {'worker':22}{_g(plan.other):>10}",
+              f"  {'rank 0 (+ export)':22}{_g(plan.rank0):>10}  (the student consolidated at each checkpoint)",
+              f"all workers on one machine: {need / GIB:.1f} GiB; FLOPs per worker and step: "
+              f"{plan.flops_per_step / 1e12:,.3f} TFLOPs"]
+    fits = ram_gib is None or need <= ram_gib * GIB
+    if ram_gib is not None:
+        lines.append(f"{'FITS' if fits else 'DOES NOT FIT'}: {need / GIB:.1f} of --cpu-memory-gib={ram_gib:g}"
+                     + ("" if fits else "; lower num_workers, use ZeRO-3, or a machine with more RAM"))
+    return "\n".join(lines), fits
+
+
+def _main_cpu(args: argparse.Namespace, cfg: PipelineConfig) -> int:
+    size = args.image_size or cfg.collect.image_size
+    plan = cpu_plan(cfg, (size, size, 3), args.proprio_dim, args.action_dim)
+    text, fits = render_cpu(plan, cfg.distill.train, args.cpu_memory_gib)
+    print(text)
+    return 0 if fits else 1
+
+
 def main(argv: list[str]) -> int:
     """Print the plan; write the DeepSpeed config and exit 0 if it fits, exit 1 if it does not."""
     args = _parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.device == "cpu":
+            return _main_cpu(args, cfg)
+        if args.gpus is None or args.gpu_memory_gib is None:
+            raise ValueError("--gpus and --gpu-memory-gib are required with --device gpu, e.g. --gpus 8 "
+                             "--gpu-memory-gib 80 (or --device cpu)")
         cluster = make_cluster(args.gpus, args.gpu_memory_gib, args.gpus_per_node, args.cpu_memory_gib,
                                args.headroom)
         plan = make_plan(cfg, cluster, args.variant, args.job, args.image_size, args.proprio_dim, args.action_dim)

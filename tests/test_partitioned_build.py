@@ -68,7 +68,7 @@ def _rank(rank: int, port: int, folder: str, precision: str, out: str) -> None:
               "total": sum(p.ds_numel for p in objective.parameters()),
               "teacher_frozen": not any(p.requires_grad for p in objective.teacher.parameters()),
               "dtypes": sorted({str(p.ds_tensor.dtype) for p in objective.parameters()})}
-    engine, _ = make_engine(objective, cfg.distill.train, device=device)
+    engine, _ = make_engine(objective, cfg.distill.train, device=device, hidden_size=TEACHER.hidden_size)
     report["student"] = full_state_dict(engine, "distill.student.")
     report["teacher"] = full_state_dict(engine, "teacher.")
     torch.save(report, f"{out}.{rank}")

@@ -82,14 +82,17 @@ def test_the_written_deepspeed_config_loads_in_deepspeed_with_the_chosen_stage(t
     code = plan.main(["--config", CLUSTER_YAML, "--variant", "llama2-7b", "--gpus", "4", "--gpu-memory-gib", "24",
                       "--cpu-memory-gib", "512", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert code == 0 and "FITS (cached): ZeRO-3+opt at micro-batch 16 x 4" in printed
+    assert code == 0 and "FITS (cached): ZeRO-3+opt at micro-batch 32 x 2" in printed
     loaded = DeepSpeedConfig(str(out))
     assert loaded.zero_optimization_stage == 3
     assert loaded.zero_config.offload_optimizer.device == "cpu"
     assert loaded.bfloat16_config.enabled
-    assert loaded.train_micro_batch_size_per_gpu == 16 and loaded.gradient_accumulation_steps == 4
-    # make_engine hands DeepSpeed a torch AdamW; with offload DeepSpeed refuses that unless told.
-    assert json.loads(out.read_text())["zero_force_ds_cpu_optimizer"] is False
+    assert loaded.train_micro_batch_size_per_gpu == 32 and loaded.gradient_accumulation_steps == 2
+    # The plan is for GPUs: with optimizer offload the config names DeepSpeed's own (CPU) AdamW, as make_engine
+    # builds it on GPUs; ZeRO-3's buckets are sized from the 4096-wide decoder, not DeepSpeed's fixed defaults.
+    written = json.loads(out.read_text())
+    assert written["optimizer"]["type"] == "AdamW" and "zero_force_ds_cpu_optimizer" not in written
+    assert written["zero_optimization"]["reduce_bucket_size"] == 4096 * 4096
 
 
 def test_an_impossible_cluster_is_reported_with_its_figures(tmp_path, capsys):
@@ -99,7 +102,7 @@ def test_an_impossible_cluster_is_reported_with_its_figures(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 1 and not out.exists()
     assert "DOES NOT FIT (cached)" in printed and "of 7.2 GiB usable per GPU" in printed
-    assert "needs >= 25 GPUs of 8 GiB" in printed and "--cpu-memory-gib" in printed
+    assert "needs >= 21 GPUs of 8 GiB" in printed and "--cpu-memory-gib" in printed
 
 
 def test_an_unknown_variant_lists_the_choices(capsys):

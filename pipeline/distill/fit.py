@@ -134,7 +134,7 @@ def _student_objective(job: StudentJob, device: torch.device) -> tuple[StudentOb
     dims = read_probes_config(job.probes_uri)["dims"]
     static = tuple(job.router.static_layers) if job.router.static_layers else None
     online = job.distill.teacher_mode == "online"
-    with building(job.distill.train, device):
+    with building(job.distill.train, device, teacher_cfg.hidden_size):
         module = DistillModule(VLA(student_config(teacher_cfg, job.router.hidden, static)), ProbeSet(**dims))
         frozen = (VLA(teacher_cfg), ProbeSet(**dims)) if online else (None, None)
         objective = StudentObjective(module, job.router, job.distill, *frozen)
@@ -164,7 +164,7 @@ def student_fn_per_worker(loop_config: dict[str, Any]) -> None:
         objective.distill.student.checkpoint_layers()
     student_cfg = objective.distill.student.cfg
     own_lr = {"distill.student.router": job.router.lr} if job.router.lr else None
-    engine, _ = make_engine(objective, train, own_lr, device=device)
+    engine, _ = make_engine(objective, train, own_lr, device=device, hidden_size=student_cfg.hidden_size)
     normalizer = Normalizer.from_dict(teacher_card.normalizer)
     rank = ray.train.get_context().get_world_rank()
     log = MetricLog(job.tracking, rank == 0)

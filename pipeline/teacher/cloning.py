@@ -69,7 +69,7 @@ def teacher_fn_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(job.seed)  # identical initial weights on every rank
     device = ray.train.torch.get_device()   # this worker's GPU when the driver asked for GPUs, else cpu
     init_worker(device)
-    with building(job.train, device):   # ZeRO-3: partitioned as it is constructed
+    with building(job.train, device, job.vla.hidden_size):   # ZeRO-3: partitioned as it is constructed
         vla = VLA(job.vla)
     vla.set_attention(job.model.attention)
     if job.model.pretrained_backbone:
@@ -78,7 +78,7 @@ def teacher_fn_per_worker(loop_config: dict[str, Any]) -> None:
         init_fresh_decoder(vla.backbone)
     if job.train.activation_checkpointing:
         vla.checkpoint_layers()
-    engine, _ = make_engine(_TeacherObjective(vla), job.train, device=device)
+    engine, _ = make_engine(_TeacherObjective(vla), job.train, device=device, hidden_size=job.vla.hidden_size)
     normalizer = Normalizer.from_dict(job.card.normalizer)
     rank = ray.train.get_context().get_world_rank()
     dtype = float_dtype(job.train)

@@ -18,9 +18,24 @@ from pipeline.config import TrainSection
 TRAIN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def deepspeed_config(train: TrainSection, device: str = "cpu") -> dict[str, Any]:
-    """The DeepSpeed JSON config for one job on `device` (cpu or cuda; also what `plan` writes for a cluster)."""
+def zero3_buckets(hidden_size: int) -> dict[str, Any]:
+    """ZeRO-3's buffers sized from the model width (the sizes Hugging Face's integration derives for "auto"), so
+    their memory grows with the model instead of DeepSpeed's fixed defaults (a 5e8-element reduce bucket: 2 GB in
+    fp32, more than the model at smoke size). And parameters are released after each use (reuse distance 0): a
+    layer's weights are gathered for its forward and again for its backward, the 3x-forward traffic `plan` counts,
+    and the live set stays one layer plus the prefetch bucket (with the default 1e9, every weight of a model that
+    small stayed gathered between forward and backward: the whole model on every worker)."""
+    h2 = hidden_size * hidden_size
+    return {"reduce_bucket_size": h2, "stage3_prefetch_bucket_size": int(0.9 * h2),
+            "stage3_param_persistence_threshold": 10 * hidden_size, "stage3_max_reuse_distance": 0}
+
+
+def deepspeed_config(train: TrainSection, device: str = "cpu", hidden_size: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON config for one job on `device` (cpu or cuda; also what `plan` writes for a cluster);
+    hidden_size sizes ZeRO-3's buckets (zero3_buckets; None: DeepSpeed's defaults)."""
     zero: dict[str, Any] = {"stage": train.zero_stage}
+    if train.zero_stage == 3 and hidden_size:
+        zero.update(zero3_buckets(hidden_size))
     host = {"device": "cpu", "pin_memory": True}
     if train.offload in ("optimizer", "all"):
         zero["offload_optimizer"] = dict(host)
@@ -107,7 +122,7 @@ def init_worker(device: torch.device) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
 
 
-def building(train: TrainSection, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+def building(train: TrainSection, device: torch.device, hidden_size: int) -> contextlib.AbstractContextManager[Any]:
     """The context to construct the trained model in. ZeRO-3: `deepspeed.zero.Init`, so every parameter is
     partitioned over the workers, in the training dtype, as soon as its module is built; no worker ever holds the
     whole model (27 GB in fp32 at 7B). Weights are then streamed in per tensor (pipeline.models.weights), and a
@@ -124,7 +139,7 @@ def building(train: TrainSection, device: torch.device) -> contextlib.AbstractCo
     stack.enter_context(prevent_arange_dtype_change())   # must be entered before zero.Init
     # The dtype comes from the config's bf16/fp16 sections (fp32 when neither is on). Not dtype=: DeepSpeed 0.19.8
     # reads `dtype or fp16 if fp16 is supported else bf16 ...`, so on a CPU it built fp32 runs in bf16.
-    stack.enter_context(deepspeed.zero.Init(config_dict_or_path=deepspeed_config(train, device.type)))
+    stack.enter_context(deepspeed.zero.Init(config_dict_or_path=deepspeed_config(train, device.type, hidden_size)))
     return stack
 
 
@@ -138,18 +153,20 @@ def init_fresh_decoder(decoder: nn.Module) -> None:
 
 
 def make_engine(model: nn.Module, train: TrainSection, own_lr: dict[str, float] | None = None,
-                device: torch.device | None = None) -> tuple[Any, torch.optim.Optimizer]:
+                device: torch.device | None = None, hidden_size: int | None = None
+                ) -> tuple[Any, torch.optim.Optimizer]:
     """Wrap `model` in a DeepSpeed engine on the process group Ray Train already set up (gloo on CPU, NCCL on
     GPUs) and on this worker's `device` (ray.train.torch.get_device(); None: cpu).
 
     own_lr: module prefix -> peak LR for parameters that learn at another rate than train.lr (the
-    router); the warm-up + cosine schedule scales every group alike."""
+    router); the warm-up + cosine schedule scales every group alike. hidden_size: the decoder's width, which sizes
+    ZeRO-3's buffers (the same value `building` was given)."""
     device = device or torch.device("cpu")
     init_worker(device)
     import deepspeed
 
     gpu = device.type == "cuda"
-    ds_config = deepspeed_config(train, device.type)
+    ds_config = deepspeed_config(train, device.type, hidden_size)
     groups = param_groups(model.to(device), own_lr or {})
 
     def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:

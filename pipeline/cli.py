@@ -64,6 +64,8 @@ def check_inputs(cfg: PipelineConfig, verb: str) -> None:
     """Before any Ray or MLflow work: the stages before `verb`'s own inputs have run (the first missing one is
     named). Its direct inputs the job checks itself, with what it really reads (online distill reads
     probe-teacher's probes but not its labels.json, so that stage's completion mark cannot be required)."""
+    if cfg.model.pretrained_vlm and verb in ("train-teacher", "run"):
+        _check_vlm_folder(cfg, collecting=verb == "run" and cfg.data.shards_uri is None)
     if verb not in BY_NAME:
         return
     paths = RunPaths.of(cfg)
@@ -73,6 +75,24 @@ def check_inputs(cfg: PipelineConfig, verb: str) -> None:
         if done is not None and not storage.exists(done):
             raise MissingInput(f"{verb} needs the output of {name}, but {done} does not exist; run "
                                f"`actdistill {name} --config FILE` with this config first (or `actdistill run`)")
+
+
+def _check_vlm_folder(cfg: PipelineConfig, collecting: bool) -> None:
+    """model.pretrained_vlm is a folder of a supported family (the message lists them) and, when this run collects
+    the shards, its processor takes frames of collect.image_size."""
+    from pipeline.models.vlm_backbone import read_vlm_spec
+    from pipeline.models.vlm_import import check_image_compatibility, read_vlm_config
+
+    uri = cfg.model.pretrained_vlm
+    try:
+        read_vlm_config(uri)
+        if collecting:
+            size = cfg.collect.image_size
+            check_image_compatibility(read_vlm_spec(uri), (size, size, 3))
+    except (ValueError, OSError) as exc:
+        if isinstance(exc, MissingInput):
+            raise
+        raise ConfigError(f"model.pretrained_vlm={uri}: {exc}") from None
 
 
 def _setup_logging() -> None:

@@ -85,6 +85,14 @@ class ModelSection(_Section):
         None, description="a Hugging Face decoder folder (local or s3://: config.json, safetensors and the "
                           "tokenizer files) whose architecture, weights and tokenizer the teacher starts from; "
                           "its config.json decides the family and widths below; null to train from scratch")
+    pretrained_vlm: str | None = Field(
+        None, description="a Hugging Face vision-language model folder (local or s3://; LLaVA, PaliGemma, Idefics3 "
+                          "or SmolVLM, as save_pretrained writes it) the teacher is built from: its vision tower + "
+                          "projector read the frames, its processor and tokenizer the instruction, its language "
+                          "model's decoder layers are the routed layers; the widths, patch_size, vision_stem and "
+                          "backbone below do not apply; null for our own vision stem")
+    train_vision: bool = Field(False, description="with pretrained_vlm: true to train the vision tower and "
+                                                  "projector too; false keeps them frozen")
     backbone: Literal["llama", "qwen2", "mistral", "gemma"] = Field(
         "llama", description="decoder family of a from-scratch teacher: llama, qwen2, mistral or gemma")
     hidden_size: int = Field(64, ge=8, description="decoder width, divisible by num_heads")
@@ -264,6 +272,13 @@ class PipelineConfig(_Section):
 def _cross_checks(cfg: PipelineConfig) -> list[str]:
     """Constraints spanning several keys, reported alongside pydantic's."""
     m, problems = cfg.model, []
+    if m.pretrained_vlm and m.pretrained_backbone:
+        problems.append(f"model.pretrained_vlm={m.pretrained_vlm!r} and model.pretrained_backbone="
+                        f"{m.pretrained_backbone!r}: a teacher starts from one pretrained model; keep "
+                        f"pretrained_vlm (a vision-language model brings its own decoder) or pretrained_backbone")
+    if m.train_vision and not m.pretrained_vlm:
+        problems.append("model.train_vision=true: only a model.pretrained_vlm teacher has a pretrained vision tower "
+                        "to freeze or train; set model.pretrained_vlm=FOLDER or leave train_vision false")
     if m.hidden_size % m.num_heads:
         problems.append(f"model.hidden_size={m.hidden_size}: must be divisible by model.num_heads="
                         f"{m.num_heads}; e.g. hidden_size={m.num_heads * 16}")
@@ -291,7 +306,7 @@ def _cross_checks(cfg: PipelineConfig) -> list[str]:
                         f"belong to the unshifted images; set distill.teacher_mode=online (the teacher labels "
                         f"the shifted images in each step) or augment_shift=0")
     problems += _device_checks(cfg)
-    if cfg.collect.image_size % m.patch_size:
+    if cfg.collect.image_size % m.patch_size and not m.pretrained_vlm:
         problems.append(f"model.patch_size={m.patch_size}: must divide collect.image_size="
                         f"{cfg.collect.image_size}; e.g. 8 or 16")
     if m.vision_stem == "mlp" and m.patch_size % 4:

@@ -15,9 +15,19 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from pipeline.config import ModelSection
+from pipeline.errors import BadInput
 from pipeline.models.backbones import backbone_config, backbone_dims, build_backbone, pretrained_config
-from pipeline.models.tokenizer import BackboneTokenizer
 from pipeline.models.router import GatedLayer, GateMode, GateState, Router, StaticRouter, decide
+from pipeline.models.tokenizer import BackboneTokenizer
+from pipeline.models.vlm_backbone import (
+    VLMPrompter,
+    VLMSpec,
+    build_vlm_modules,
+    pixel_values,
+    read_vlm_spec,
+    vlm_dims,
+)
+from pipeline.models.vlm_import import VLM_FAMILIES, check_image_compatibility
 
 
 class VLAConfig(BaseModel):
@@ -45,6 +55,9 @@ class VLAConfig(BaseModel):
     # That backbone's tokenizer as the text files save_pretrained writes (name -> content); None: instructions
     # are hashed words (from-scratch teachers).
     tokenizer: dict[str, str] | None = None
+    # A pretrained vision-language model the VLA is built from (vision tower + projector, its prompt and its
+    # language model as the routed decoder); hf_config then holds its language model's config. None: our stem.
+    vlm: VLMSpec | None = None
 
     @model_validator(mode="after")
     def _sizes_match_the_hf_config(self) -> VLAConfig:
@@ -59,11 +72,16 @@ class VLAConfig(BaseModel):
 
     @property
     def num_patches(self) -> int:
+        """Vision tokens per frame: our stem's patches, or the VLM's image features."""
+        if self.vlm is not None:
+            return self.vlm.num_image_tokens
         return (self.image_size // self.patch_size) ** 2
 
     @property
     def seq_len(self) -> int:
-        # vision patches, instruction tokens, one proprio token, one action-query token
+        # vision patches, instruction tokens (a VLM: its whole prompt, image tokens included), proprio, action query
+        if self.vlm is not None:
+            return self.vlm.text_length(self.max_instruction_tokens) + 2
         return self.num_patches + self.max_instruction_tokens + 2
 
 
@@ -143,18 +161,28 @@ class VLA(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.hidden_size
-        self.patch = vision_stem(cfg.vision_stem, d, cfg.patch_size)
-        self.patch_pos = nn.Parameter(torch.zeros(1, cfg.num_patches, d))
-        self.vision_norm = nn.LayerNorm(d)
+        # Construction order (and so the seeded initial weights) of a VLA with our stem is as it always was.
+        if cfg.vlm is None:
+            self.patch = vision_stem(cfg.vision_stem, d, cfg.patch_size)
+            self.patch_pos = nn.Parameter(torch.zeros(1, cfg.num_patches, d))
+            self.vision_norm = nn.LayerNorm(d)
         self.proprio = nn.Sequential(nn.Linear(cfg.proprio_dim, d), nn.GELU(), nn.Linear(d, d))
         self.action_query = nn.Parameter(torch.zeros(1, 1, d))
-        nn.init.normal_(self.patch_pos, std=0.02)
+        if cfg.vlm is None:
+            nn.init.normal_(self.patch_pos, std=0.02)
         nn.init.normal_(self.action_query, std=0.02)
-        hf_cfg = _decoder_config(cfg)
-        self.backbone = build_backbone(cfg.backbone, hf_cfg)
-        # Instructions: the backbone's own tokenizer (loaded on first use), hashed words for from-scratch teachers.
-        self.tokenizer = (BackboneTokenizer(cfg.tokenizer, cfg.hf_config, cfg.max_instruction_tokens)
-                          if cfg.tokenizer is not None else None)
+        library: dict[str, torch.Tensor] = {}
+        self.tokenizer: BackboneTokenizer | None = None
+        self.prompter: VLMPrompter | None = None
+        if cfg.vlm is not None:
+            # The VLM's vision tower + projector (frozen unless vlm.train_vision) and its language model.
+            self.vision, self.backbone, library = build_vlm_modules(cfg.vlm)
+            self.prompter = VLMPrompter(cfg.vlm, cfg.max_instruction_tokens)
+        else:
+            self.backbone = build_backbone(cfg.backbone, _decoder_config(cfg))
+            # Instructions: the backbone's own tokenizer (loaded on first use), hashed words for from-scratch ones.
+            if cfg.tokenizer is not None:
+                self.tokenizer = BackboneTokenizer(cfg.tokenizer, cfg.hf_config, cfg.max_instruction_tokens)
         self.gate_state = GateState()
         for i, layer in enumerate(list(self.backbone.layers)):
             self.backbone.layers[i] = GatedLayer(layer, i, self.gate_state)
@@ -167,6 +195,9 @@ class VLA(nn.Module):
             self.router = Router(d, cfg.router_hidden, cfg.num_layers)
         elif cfg.static_layers:
             self.router = StaticRouter(cfg.static_layers, cfg.num_layers)
+        # A VLM's tensors by the library's names -> ours (the same tensors): how its folder's weights map in.
+        ours = {id(t): name for name, t in self.state_dict(keep_vars=True).items()}
+        self.library_names = {name: ours[id(t)] for name, t in library.items()}
 
     def _prepared_causal(self) -> torch.Tensor | None:
         hf_cfg, n = self.backbone.config, self.cfg.seq_len
@@ -199,24 +230,48 @@ class VLA(nn.Module):
     def embed(self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Input embeddings (B x N x d), token mask, and the vision, text, text-mask parts the router reads."""
-        vision = self.patch(images).flatten(2).transpose(1, 2) + self.patch_pos
-        vision = self.vision_norm(vision)
-        ids, text_mask = self.instruction_ids(instructions)
-        ids, text_mask = ids.to(images.device), text_mask.to(images.device)
-        # The decoder's own embedding module, as its forward(input_ids=...) would call it. For Gemma this
-        # matters: in transformers 5.23 the sqrt(hidden_size) scale lives in GemmaTextScaledWordEmbedding, not in
-        # GemmaModel.forward, which passes inputs_embeds through unscaled. So text tokens here are scaled exactly
-        # as the library scales the same ids, and the vision/proprio tokens (inputs_embeds) are not scaled.
-        text = self.backbone.get_input_embeddings()(ids)
+        if self.cfg.vlm is not None:
+            prompt, prompt_mask, vision, text, text_mask = self._embed_vlm_prompt(images, instructions)
+        else:
+            vision = self.vision_norm(self.patch(images).flatten(2).transpose(1, 2) + self.patch_pos)
+            ids, text_mask = self.instruction_ids(instructions)
+            ids, text_mask = ids.to(images.device), text_mask.to(images.device)
+            # The decoder's own embedding module, as its forward(input_ids=...) would call it. For Gemma this
+            # matters: in transformers 5.23 the sqrt(hidden_size) scale lives in GemmaTextScaledWordEmbedding, not
+            # in GemmaModel.forward, which passes inputs_embeds through unscaled. So text tokens here are scaled
+            # exactly as the library scales the same ids, and the vision/proprio tokens (inputs_embeds) are not.
+            text = self.backbone.get_input_embeddings()(ids)
+            prompt = torch.cat([vision, text], dim=1)
+            ones = torch.ones(vision.shape[:2], dtype=torch.long, device=images.device)
+            prompt_mask = torch.cat([ones, text_mask], 1)
         batch = images.shape[0]
         tail = torch.cat([self.proprio(proprio).unsqueeze(1), self.action_query.expand(batch, -1, -1)], 1)
-        tokens = torch.cat([vision, text, tail], dim=1)
-        ones = torch.ones(batch, vision.shape[1], dtype=torch.long, device=images.device)
-        mask = torch.cat([ones, text_mask, torch.ones(batch, 2, dtype=torch.long, device=images.device)], 1)
+        tokens = torch.cat([prompt, tail], dim=1)
+        mask = torch.cat([prompt_mask, torch.ones(batch, 2, dtype=torch.long, device=images.device)], 1)
         return tokens, mask, vision, text, text_mask
 
+    def _embed_vlm_prompt(self, images: torch.Tensor, instructions: list[str]
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The VLM's prompt as its own forward embeds it: token embeddings with each image placeholder replaced by
+        the next image feature (the library's masked_scatter). Vision = the image features; text = every other
+        prompt token (template and instruction), which every row holds the same number of."""
+        spec = self.cfg.vlm
+        ids, mask = self.instruction_ids(instructions)
+        ids, mask = ids.to(images.device), mask.to(images.device)
+        vision = self.vision(pixel_values(spec, images))
+        is_image = ids == spec.image_token_id
+        table = self.backbone.get_input_embeddings()
+        # PaliGemma's image token lies past the embedding table: it embeds as id 0 before it is replaced.
+        embeds = table(ids.masked_fill(is_image, 0) if spec.image_token_id >= table.num_embeddings else ids)
+        prompt = embeds.masked_scatter(is_image.unsqueeze(-1), vision.to(embeds.dtype))
+        batch, d = ids.shape[0], embeds.shape[-1]
+        return prompt, mask, vision, embeds[~is_image].reshape(batch, -1, d), mask[~is_image].reshape(batch, -1)
+
     def instruction_ids(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """B x max_instruction_tokens ids and attention mask: the backbone's tokenizer, or hashed words."""
+        """B x max_instruction_tokens ids and attention mask: the backbone's tokenizer, or hashed words. A VLM: the
+        ids of its whole prompt (B x its text_length), image placeholders included."""
+        if self.prompter is not None:
+            return self.prompter(instructions)
         if self.tokenizer is not None:
             return self.tokenizer(instructions)
         return tokenize(instructions, self.cfg.vocab_size, self.cfg.max_instruction_tokens)
@@ -243,12 +298,34 @@ class VLA(nn.Module):
                 executed = (gates >= threshold).to(gates.dtype)
             else:
                 executed = gates.detach()
-            out = self.backbone(inputs_embeds=tokens, attention_mask=self._attention_mask(mask), use_cache=False)
+            out = self.backbone(inputs_embeds=tokens, **self.decoder_inputs(mask, tokens.dtype), use_cache=False)
             hidden = state.hidden
         finally:
             state.reset()
         actions = self.action_head(out.last_hidden_state[:, -1])
         return VLAOutput(actions=actions, gates=gates, executed=executed, hidden=hidden, token_mask=mask)
+
+    def decoder_inputs(self, mask: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The attention mask (and positions) the decoder gets for the B x N token mask. A PaliGemma VLM: what its
+        own forward hands its decoder: positions from 1, and the prompt (prefix) attending both ways, proprio and
+        action query causally after it; the prefix never sees them, so its states are the VLM's own."""
+        family = VLM_FAMILIES[self.cfg.vlm.family] if self.cfg.vlm is not None else None
+        if family is None or not family.prefix_bidirectional:
+            return {"attention_mask": self._attention_mask(mask)}
+        n, implementation = mask.shape[1], self.backbone.config._attn_implementation
+        if implementation not in ("sdpa", "eager"):
+            raise ValueError(f"model.attention={implementation}: a {self.cfg.vlm.family} teacher's prefix mask needs "
+                             f"model.attention=sdpa or eager")
+        real = mask.bool()
+        prefix = real.clone()
+        prefix[:, -2:] = False
+        causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+        allowed = ((causal | (prefix[:, :, None] & prefix[:, None, :])) & real[:, None, :])[:, None]
+        if implementation == "eager":   # an additive mask, as the library's eager path takes it
+            allowed = torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min)
+        positions = torch.arange(n, device=mask.device).unsqueeze(0) + family.position_offset
+        return {"attention_mask": allowed, "position_ids": positions}
 
     def _attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """The decoder's B x 1 x N x N boolean mask (causal, padding keys masked), the one its sdpa path
@@ -273,6 +350,15 @@ def _decoder_config(cfg: VLAConfig) -> PretrainedConfig:
 
 def teacher_config(model: ModelSection, image_shape: list[int], proprio_dim: int, action_dim: int) -> VLAConfig:
     """A teacher's config: widths from the model section, input/output sizes from the data manifest."""
+    if model.pretrained_vlm:
+        # A VLM fixes its vision tower, prompt and decoder; the shards' frames must be what its processor makes.
+        spec = read_vlm_spec(model.pretrained_vlm, model.train_vision)
+        try:
+            check_image_compatibility(spec, image_shape)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
+        return VLAConfig(**vlm_dims(spec), max_instruction_tokens=model.max_instruction_tokens,
+                         image_size=image_shape[0], proprio_dim=proprio_dim, action_dim=action_dim)
     if image_shape[0] != image_shape[1]:
         raise ValueError(f"images are {image_shape[0]}x{image_shape[1]}; the vision encoder needs square images")
     if image_shape[0] % model.patch_size:

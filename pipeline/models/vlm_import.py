@@ -12,7 +12,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -82,6 +82,9 @@ class VLMFamily:
     nest_images: bool = False        # the processor wants [[frame], [frame], ...] (one image list per sample)
     position_offset: int = 0         # PaliGemma counts positions from 1
     prefix_bidirectional: bool = False   # PaliGemma: the image + prompt prefix attends both ways
+    # (folder prefix, library prefix): tensor names of the older layout that hub checkpoints (and save_pretrained
+    # of LLaVA and PaliGemma) still use, renamed to the library's current ones, first match wins.
+    checkpoint_layout: tuple[tuple[str, str], ...] = ()
 
 
 def _llava(model: PreTrainedModel) -> tuple[nn.Module, nn.Module]:
@@ -104,10 +107,14 @@ def _image_then_text(image_token: str, text: str) -> str:
     return image_token + text
 
 
+_LLAVA_LAYOUT = (("language_model.lm_head.", "lm_head."), ("language_model.model.", "model.language_model."),
+                 ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."))
+
 VLM_FAMILIES: dict[str, VLMFamily] = {
-    "llava": VLMFamily(_llava, lambda image, text: f"{image}\n{text}"),
+    "llava": VLMFamily(_llava, lambda image, text: f"{image}\n{text}", checkpoint_layout=_LLAVA_LAYOUT),
     # The processor puts <bos> after the image tokens and "\n" after the prompt (big_vision's prefix format).
-    "paligemma": VLMFamily(_paligemma, _image_then_text, position_offset=1, prefix_bidirectional=True),
+    "paligemma": VLMFamily(_paligemma, _image_then_text, position_offset=1, prefix_bidirectional=True,
+                           checkpoint_layout=_LLAVA_LAYOUT),
     # Chat-less prompt; the processor expands <image> to <fake_token_around_image><global-img><image>*n<fake...>.
     "idefics3": VLMFamily(_idefics3, _image_then_text, nest_images=True),
     "smolvlm": VLMFamily(_idefics3, _image_then_text, nest_images=True),   # Idefics3's code under its own name
@@ -249,7 +256,15 @@ def decoder_hidden_states(parts: VLMParts, batch: dict[str, torch.Tensor]) -> to
     return parts.language_model(inputs_embeds=merged, **decoder_kwargs(parts, merged, batch)).last_hidden_state
 
 
-def check_image_compatibility(parts: VLMParts, shard_image_shape: tuple[int, ...] | list[int]) -> None:
+class TakesImages(Protocol):
+    """What check_image_compatibility reads: VLMParts, or the VLMSpec a VLA config carries."""
+    uri: str
+    family: str
+    image_size: tuple[int, int]
+    channels: int
+
+
+def check_image_compatibility(parts: TakesImages, shard_image_shape: tuple[int, ...] | list[int]) -> None:
     """Fail early, naming both shapes and the fix, when the shards' frames (H, W, C) are not what the processor
     hands the vision tower (it would silently resize or crop them, or fail deep inside the tower)."""
     height, width, channels = (int(v) for v in shard_image_shape)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ModelSection, PipelineConfig, TrainSection
+from pipeline.data import storage
 from pipeline.data.augment import random_shift
 from pipeline.data.batches import Normalizer, to_model_batch
 from pipeline.data.manifest import read_manifest
@@ -21,6 +23,7 @@ from pipeline.data.validate import validate_shards
 from pipeline.models.checkpoint import PolicyCard, policy_hash
 from pipeline.models.hf_import import load_hf_backbone
 from pipeline.models.vla import VLA, VLAConfig, teacher_config
+from pipeline.models.vlm_backbone import load_vlm_weights
 from pipeline.ray_runtime import is_local
 from pipeline.stages import RunPaths
 from pipeline.train.device import placement, resolve_device
@@ -72,7 +75,9 @@ def teacher_fn_per_worker(loop_config: dict[str, Any]) -> None:
     with building(job.train, device, job.vla.hidden_size):   # ZeRO-3: partitioned as it is constructed
         vla = VLA(job.vla)
     vla.set_attention(job.model.attention)
-    if job.model.pretrained_backbone:
+    if job.model.pretrained_vlm:
+        load_vlm_weights(vla, job.model.pretrained_vlm)        # vision tower, projector and decoder, per tensor
+    elif job.model.pretrained_backbone:
         load_hf_backbone(vla, job.model.pretrained_backbone)   # streamed in per tensor from the mapped files
     elif job.train.zero_stage == 3:
         init_fresh_decoder(vla.backbone)
@@ -98,6 +103,13 @@ def teacher_fn_per_worker(loop_config: dict[str, Any]) -> None:
               Export(state, job.vla, job.card), step_fn)
 
 
+def _anchored(model: ModelSection) -> ModelSection:
+    """A local model.pretrained_vlm made absolute: Ray Train workers need not share the driver's directory."""
+    if model.pretrained_vlm and not storage.has_scheme(model.pretrained_vlm):
+        return model.model_copy(update={"pretrained_vlm": str(Path(model.pretrained_vlm).resolve())})
+    return model
+
+
 def fit_teacher(cfg: PipelineConfig, tracking: Tracking, run: TrainRun) -> TeacherResult:
     """Driver side: validate the shards, behaviour-clone the teacher on the training episodes, publish it."""
     paths = RunPaths.of(cfg)
@@ -108,8 +120,9 @@ def fit_teacher(cfg: PipelineConfig, tracking: Tracking, run: TrainRun) -> Teach
                        skip_rows=report.skip_rows)
     data = shuffle_each_epoch(data, cfg.run.seed)
     card = PolicyCard.for_teacher(manifest, cfg.digest())
-    job = TeacherJob(model=cfg.model, train=cfg.teacher,
-                     vla=teacher_config(cfg.model, manifest.image_shape, manifest.proprio_dim, manifest.action_dim),
+    model = _anchored(cfg.model)
+    job = TeacherJob(model=model, train=cfg.teacher,
+                     vla=teacher_config(model, manifest.image_shape, manifest.proprio_dim, manifest.action_dim),
                      image_shape=tuple(manifest.image_shape), card=card, tracking=tracking, seed=cfg.run.seed,
                      ledger_dir=run.ledger_dir if cfg.teacher.ledger else None)
     metrics, checkpoint = fit(teacher_fn_per_worker, job, {"train": data}, cfg.teacher, run, local=is_local(cfg),

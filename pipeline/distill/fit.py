@@ -138,12 +138,12 @@ def _student_objective(job: StudentJob, device: torch.device) -> tuple[StudentOb
         module = DistillModule(VLA(student_config(teacher_cfg, job.router.hidden, static)), ProbeSet(**dims))
         frozen = (VLA(teacher_cfg), ProbeSet(**dims)) if online else (None, None)
         objective = StudentObjective(module, job.router, job.distill, *frozen)
-    weights, probes = policy_weights(job.teacher_uri, teacher_card), probe_weights(job.probes_uri)
-    load_exactly(module.student, weights, allowed_missing="router")   # the router is the student's own, fresh
-    load_exactly(module.probes, probes)
-    if objective.teacher is not None and objective.teacher_probes is not None:
-        load_exactly(objective.teacher, weights)
-        load_exactly(objective.teacher_probes, probes)
+    with policy_weights(job.teacher_uri, teacher_card) as weights, probe_weights(job.probes_uri) as probes:
+        load_exactly(module.student, weights, allowed_missing="router")   # the router is the student's own, fresh
+        load_exactly(module.probes, probes)
+        if objective.teacher is not None and objective.teacher_probes is not None:
+            load_exactly(objective.teacher, weights)
+            load_exactly(objective.teacher_probes, probes)
     if job.distill.objective == "action_regression":
         module.probes.requires_grad_(False)   # no per-layer terms: the probes get no gradient and are not exported
     return objective, teacher_card

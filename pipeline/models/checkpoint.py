@@ -116,9 +116,9 @@ def load_policy(uri: str) -> tuple[VLA, PolicyCard]:
     """Rebuild a VLA from a checkpoint folder; the weights' hash is checked against config.json, and the
     weights are copied straight from the mapped file (host RAM: the model, not the model and its file)."""
     card = read_policy_config(uri)
-    weights = policy_weights(uri, card)
     model = VLA(VLAConfig(**card.vla))
-    load_exactly(model, weights)
+    with policy_weights(uri, card) as weights:
+        load_exactly(model, weights)
     return model.eval(), card
 
 
@@ -146,5 +146,6 @@ def probe_weights(uri: str) -> TensorSource:
 def load_probes(uri: str) -> tuple[ProbeSet, dict[str, Any]]:
     meta = read_probes_config(uri)
     probes = ProbeSet(**meta["dims"])
-    load_exactly(probes, probe_weights(uri))
+    with probe_weights(uri) as weights:
+        load_exactly(probes, weights)
     return probes, meta

@@ -75,8 +75,12 @@ def load_hf_backbone(vla: VLA, uri: str) -> dict[str, int]:
     (under ZeRO-3 each worker copies only its partition). A tensor that maps to nothing in the decoder, a missing
     one or a mis-shaped one is an error naming it, raised before any weight is copied: a silent mismatch would
     train a half-random teacher."""
+    with TensorSource.open(uri, _shard_names(uri)) as source:
+        return _load_backbone(vla, uri, source)
+
+
+def _load_backbone(vla: VLA, uri: str, source: TensorSource) -> dict[str, int]:
     wanted = {k for k in targets(vla) if k.startswith("backbone.")}
-    source = TensorSource.open(uri, _shard_names(uri))
     unused = sorted(k for k in source.names() if _unused(k))
     loaded = {_our_key(k): k for k in source.names() if not _unused(k)}
     unmapped = sorted(hf_key for key, hf_key in loaded.items() if key not in wanted)

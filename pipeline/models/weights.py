@@ -78,6 +78,15 @@ class MappedSafetensors:
                                 offset=self._base + begin)
         return flat.view(shape)
 
+    def close(self) -> None:
+        """Unmap the file now (else when the object is collected); a tensor still viewing it keeps it mapped."""
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                return
+            self._map = None
+
 
 class TensorSource:
     """Every tensor of a set of safetensors files (a sharded checkpoint), each read where it lies."""
@@ -105,6 +114,16 @@ class TensorSource:
 
     def __contains__(self, name: object) -> bool:
         return name in self._file_of
+
+    def close(self) -> None:
+        for f in set(self._file_of.values()):
+            f.close()
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def local_copy(uri: str) -> Path:

@@ -193,7 +193,8 @@ def test_a_vlm_teacher_runs_through_probe_distill_and_evaluate_without_its_folde
                  "teacher.batch_size=8", "probe.steps=4", "probe.batch_size=8", "distill.train.steps=4",
                  "distill.train.warmup_steps=0", "distill.train.batch_size=8", "distill.eval_every=2",
                  "evaluate.episodes_per_task=1", "evaluate.max_steps=10", "evaluate.latency_calls=3",
-                 "evaluate.num_workers=1", "evaluate.envs_per_worker=2"]
+                 "evaluate.num_workers=1", "evaluate.envs_per_worker=2",
+                 "teacher.num_workers=1", "distill.train.num_workers=1"]   # 2 small cores: one worker each
     for job in ("train_teacher", "probe_teacher", "distill", "evaluate"):
         proc = subprocess.run([sys.executable, "-m", f"jobs.{job}", "--config",
                                str(REPO / "jobs" / "configs" / "vlm-smoke.yaml"), *overrides],

@@ -29,6 +29,7 @@ from pipeline.models.student import DistillModule
 from pipeline.models.variants import size_on_meta, variant
 from pipeline.models.vla import VLA, VLAConfig, teacher_config
 from pipeline.sim.metaworld_env import ACTION_DIM, PROPRIO_DIM
+from pipeline.train.engine import SUB_GROUP
 
 GIB = float(2**30)
 Job = Literal["distill", "train-teacher"]
@@ -504,10 +505,14 @@ def cpu_worker_bytes(params: Params, train: TrainSection, online: bool, activati
              "frozen teacher": w * params.frozen / weights_shards if online else 0.0,
              "activations": activations_per_sample * train.batch_size * (4 / 2 if w == 4 else 1)}
     if stage == 3:
-        # The layer being computed, gathered whole, and its gradient before the reduce-scatter; the prefetch and
-        # reduce buckets (0.9 h^2 and h^2 elements, pipeline.train.engine.zero3_buckets).
-        terms["gathered layer"] = 2 * w * params.largest_layer
-        terms["ZeRO buckets"] = w * 1.9 * hidden_size**2
+        sub = min(float(SUB_GROUP), p / n)
+        # DeepSpeed's own: the gradient buffer the optimizer's init leaves on each sub-group (one sub-group of
+        # fp32), and the reduce and prefetch buckets (h^2 and 0.9 h^2 elements, engine.zero3_buckets).
+        terms["optimizer buffers"] = 4 * sub + w * 1.9 * hidden_size**2
+        # In forward and backward: the parameters gathered at once (stage3_max_live_parameters = SUB_GROUP) and the
+        # largest layer's whole gradient before its reduce-scatter; in the optimizer step, AdamW's temporaries over
+        # one sub-group instead (no larger).
+        terms["gathered in flight"] = w * (SUB_GROUP + params.largest_layer)
     return terms, w * student
 
 

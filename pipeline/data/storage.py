@@ -145,6 +145,18 @@ def read_bytes(uri: str) -> bytes:
         raise MissingInput(f"{uri} does not exist; check the URI or run the stage that writes it") from None
 
 
+def upload_file(local: str | Path, uri: str, chunk: int = 64 << 20) -> None:
+    """Copy one local file to a local path or under s3://, in chunks: a 14 GB checkpoint never sits in memory."""
+    def copy(fs: pafs.FileSystem, path: str) -> None:
+        if isinstance(fs, pafs.LocalFileSystem):
+            fs.create_dir(posixpath.dirname(path), recursive=True)
+        with open(local, "rb") as src, fs.open_output_stream(path) as out:
+            while data := src.read(chunk):
+                out.write(data)
+
+    _call(uri, copy)
+
+
 def copy_dir(local_dir: str | Path, uri: str) -> None:
     """Copy a local folder's contents (recursively) into a local folder or under an s3:// prefix."""
     src = Path(local_dir)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
+import tempfile
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from safetensors.torch import save
+from safetensors.torch import save_file
 from torch import nn
 
 from pipeline.data import storage
@@ -55,20 +56,28 @@ class PolicyCard(BaseModel):
         return self.model_dump(mode="json", exclude_none=True)
 
 
-def _to_bytes(state: dict[str, torch.Tensor]) -> bytes:
-    return save({k: v.detach().contiguous().cpu() for k, v in state.items()})
-
-
-def weights_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
+def write_safetensors(state: dict[str, torch.Tensor], uri: str) -> str:
+    """Write `state` as a safetensors file at `uri` (local or s3://) straight from the tensors' memory, and return
+    its hash. Serialising to bytes first (safetensors.torch.save) held a second copy of every weight: +2 GB on
+    the exporting rank at 2 layers of 7B width, +13 GB at 7B in bf16."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}   # no copy for CPU tensors
+    if not storage.is_s3(uri):
+        path = Path(storage.resolve(uri)[1])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, path)
+        return file_hash(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "weights.safetensors"
+        save_file(tensors, path)
+        digest = file_hash(path)
+        storage.upload_file(path, uri)
+    return digest
 
 
 def save_state(state: dict[str, torch.Tensor], vla: VLAConfig, uri: str, card: PolicyCard) -> str:
     """Write weights and config; returns the weights hash (the teacher identity used by the cache)."""
-    data = _to_bytes(state)
-    digest = weights_hash(data)
+    digest = write_safetensors(state, storage.join(uri, WEIGHTS))
     config = card.model_copy(update={"vla": vla.model_dump(), "weights_sha256_16": digest}).to_json()
-    storage.write_bytes(storage.join(uri, WEIGHTS), data)
     storage.write_bytes(storage.join(uri, CONFIG), json.dumps(config, indent=2).encode())
     return digest
 
@@ -127,7 +136,7 @@ def policy_hash(uri: str) -> str:
 
 
 def save_probes(probes: ProbeSet, uri: str, meta: dict[str, Any]) -> None:
-    storage.write_bytes(storage.join(uri, PROBES), _to_bytes(probes.state_dict()))
+    write_safetensors(probes.state_dict(), storage.join(uri, PROBES))
     storage.write_bytes(storage.join(uri, PROBES_CONFIG), json.dumps({"dims": probes.dims, **meta}).encode())
 
 

@@ -1,0 +1,75 @@
+"""FLOPs of a VLM teacher by part (vision tower, projector, decoder, head) against torch's FlopCounterMode on tiny
+LLaVA, PaliGemma and Idefics3 folders; the real-size VLM variants on the meta device; the per-part FLOPs in
+evaluate's report."""
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.config import ModelSection
+from pipeline.evaluate.flops import policy_flops, vit_flops
+from pipeline.models.student import derive_student
+from pipeline.models.tiny_vlm import DEFAULT_IMAGE_SIZE, build_tiny_vlm
+from pipeline.models.vla import VLA, teacher_config
+
+FAMILIES = ["llava", "paligemma", "idefics3"]
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vlms")
+    out = {}
+    for family in FAMILIES:
+        section = ModelSection(pretrained_vlm=str(build_tiny_vlm(root / family, family)), max_instruction_tokens=8)
+        out[family] = VLA(teacher_config(section, [DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE, 3], 4, 4)).eval()
+    return out
+
+
+def _counted(model, **kwargs):
+    """torch's count of one batch-1 call, attention on sdpa's math kernel (two bmm: CPU's fused kernel counts 0)."""
+    images = torch.rand(1, 3, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        out = model(images, ["open the drawer"], torch.zeros(1, 4), **kwargs)
+    return counter, out
+
+
+def _part(counter, prefix):
+    return sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if name == prefix)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_part_of_a_vlm_teacher_matches_torchs_flop_counter(teachers, family):
+    # Exact (tolerance 0): every matrix product is counted on both sides; norms, activations, softmax on neither.
+    teacher = teachers[family]
+    counter, _ = _counted(teacher)
+    flops = policy_flops(teacher.cfg, float(teacher.cfg.num_layers))
+    projector = "connector" if family == "idefics3" else "projector"
+    assert _part(counter, "VLA.vision.tower") == flops["vision_tower"] > 0
+    assert _part(counter, f"VLA.vision.{projector}") == flops["projector"] > 0
+    assert _part(counter, "VLA.backbone") == flops["backbone"]
+    assert counter.get_total_flops() == flops["total"]
+    assert flops["vision"] == flops["vision_tower"] + flops["projector"]
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip_with_head"])
+def test_a_clip_class_token_and_a_siglip_pooling_head_are_counted(kind):
+    # The tiny folders' towers are SigLIP without head; LLaVA-1.5's is CLIP (a class token), a SigLIP may keep its head.
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=8,
+                 image_size=32)
+    config = CLIPVisionConfig(**sizes) if kind == "clip" else SiglipVisionConfig(**sizes, vision_use_head=True)
+    tower = (CLIPVisionModel if kind == "clip" else SiglipVisionModel)(config).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        tower(torch.rand(1, 3, 32, 32))
+    assert counter.get_total_flops() == vit_flops(config, 32, 32)
+
+
+def test_a_routed_vlm_student_counts_the_layers_it_ran_and_its_router(teachers):
+    student = derive_student(teachers["llava"], router_hidden=16).eval()
+    torch.nn.init.normal_(student.router.out.weight, std=3.0)
+    counter, out = _counted(student, mode="hard")
+    executed = float(out.executed.sum())
+    assert 0 < executed < student.cfg.num_layers, "the test needs a call that skips some layers"
+    assert counter.get_total_flops() == policy_flops(student.cfg, executed, 16)["total"]

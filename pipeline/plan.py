@@ -26,7 +26,7 @@ from pipeline.config import ConfigError, ModelSection, PipelineConfig, TrainSect
 from pipeline.evaluate.flops import policy_flops
 from pipeline.models.graph import LayerProbe, ProbeSet
 from pipeline.models.student import DistillModule
-from pipeline.models.variants import size_on_meta, variant
+from pipeline.models.variants import VLM_VARIANTS, size_on_meta, variant, vlm_variant_config
 from pipeline.models.vla import VLA, VLAConfig, teacher_config
 from pipeline.sim.metaworld_env import ACTION_DIM, PROPRIO_DIM
 from pipeline.train.engine import SUB_GROUP
@@ -82,7 +82,14 @@ def make_cluster(gpus: int, gpu_memory_gib: float, gpus_per_node: int | None = N
 
 def plan_vla_config(cfg: PipelineConfig, variant_name: str | None, image_size: int | None = None,
                     proprio_dim: int = PROPRIO_DIM, action_dim: int = ACTION_DIM) -> VLAConfig:
-    """The teacher: the model section (or a named variant's decoder) with the config's input sizes."""
+    """The teacher: the model section (or a named variant's decoder, or a whole VLM variant at its own image size)
+    with the config's input sizes."""
+    if variant_name in VLM_VARIANTS:
+        vla = vlm_variant_config(variant_name, cfg.model.max_instruction_tokens, proprio_dim, action_dim)
+        if image_size not in (None, vla.image_size):
+            raise ValueError(f"--image-size={image_size}: {variant_name} takes {vla.image_size} px frames (its "
+                             f"processor's size); leave --image-size out")
+        return vla
     size = image_size or cfg.collect.image_size
     vla = teacher_config(cfg.model, [size, size], proprio_dim, action_dim)
     if variant_name is None:
@@ -120,6 +127,10 @@ class Params:
     trained: float          # what the optimizer updates: student + probes (distill) or the teacher
     frozen: float           # frozen copies held by an online-teacher distillation: teacher + its probes
     largest_layer: int
+    # The teacher's parts (decoder above): a VLM's vision tower (our stem otherwise) and projector; proprio + head.
+    vision_tower: float = 0.0
+    projector: float = 0.0
+    head: float = 0.0
 
 
 def count_params(vla: VLAConfig, model: ModelSection, router_hidden: int, job: Job) -> Params:
@@ -133,7 +144,8 @@ def count_params(vla: VLAConfig, model: ModelSection, router_hidden: int, job: J
     probe_count = _count(probes)
     return Params(teacher=teacher, decoder=sized["params_backbone"], router=sized["params_router"],
                   probes=probe_count, trained=_count(trained_module), frozen=teacher + probe_count,
-                  largest_layer=largest_layer_params(trained_module))
+                  largest_layer=largest_layer_params(trained_module), vision_tower=sized["params_vision_tower"],
+                  projector=sized["params_projector"], head=sized["params_head"])
 
 
 # ---------------------------------------------------------------- FLOPs per sample
@@ -153,9 +165,11 @@ def flops_per_sample(vla: VLAConfig, model: ModelSection, router_hidden: int, bu
     """Forward FLOPs per sample, and a training step's: backward costs ~2x forward, so a step ~3x."""
     layers = float(vla.num_layers)
     student = policy_flops(vla, layers, router_hidden)["total"]
-    out = {"teacher_forward": policy_flops(vla, layers)["total"], "student_forward": student,
+    teacher = policy_flops(vla, layers)
+    out = {"teacher_forward": teacher["total"], "student_forward": student,
            "student_at_budget": policy_flops(vla, budget * layers, router_hidden)["total"],
            "probes_forward": probe_flops(vla, model)}
+    out.update({f"teacher_{part}": teacher[part] for part in ("vision_tower", "projector", "backbone", "action_head")})
     if job == "distill":
         # Training gates are soft or straight-through: every layer runs, so the student costs all L layers.
         out["train_step"] = 3.0 * (student + out["probes_forward"])
@@ -569,8 +583,9 @@ def _rows(title: str, rows: list[tuple[str, str, str]]) -> list[str]:
 
 def _render_params(plan: Plan) -> list[str]:
     p, v = plan.params, plan.vla
-    rows = [("teacher VLA", _m(p.teacher), f"(decoder {_m(p.decoder)}; vision, proprio, action head "
-                                           f"{_m(p.teacher - p.decoder)})")]
+    tower = "vision tower" if plan.vla.vlm is not None else "vision stem"
+    rows = [("teacher VLA", _m(p.teacher), f"({tower} {_m(p.vision_tower)}, projector {_m(p.projector)}, "
+                                           f"decoder {_m(p.decoder)}, proprio + action head {_m(p.head)})")]
     if plan.job == "distill":
         rows += [("student = teacher + router", _m(p.teacher + p.router), f"(router {_m(p.router)})"),
                  ("probes, training only", _m(p.probes), f"({v.num_layers} layers x graph width {plan.graph_width})")]
@@ -580,7 +595,10 @@ def _render_params(plan: Plan) -> list[str]:
 
 def _render_flops(plan: Plan, global_batch: int) -> list[str]:
     f, layers = plan.flops, plan.vla.num_layers
-    rows = [("teacher forward", _t(f["teacher_forward"]), "")]
+    tower = "vision tower" if plan.vla.vlm is not None else "vision stem"
+    rows = [("teacher forward", _t(f["teacher_forward"]),
+             f"({tower} {_t(f['teacher_vision_tower'])}, projector {_t(f['teacher_projector'])}, "
+             f"decoder {_t(f['teacher_backbone'])}, head {_t(f['teacher_action_head'])})")]
     if plan.job == "distill":
         rows += [(f"student forward, {layers} layers", _t(f["student_forward"]), "(training runs every layer)"),
                  ("student at the router budget", _t(f["student_at_budget"]), "(inference, expected)"),
@@ -668,13 +686,20 @@ def _render_other_mode(plan: Plan) -> list[str]:
     return [f"  with distill.teacher_mode={other[0]}: {verdict}"]
 
 
+def _render_tokens(v: VLAConfig) -> str:
+    if v.vlm is None:
+        return (f"tokens per sample: {v.num_patches} patches ({v.image_size}px / {v.patch_size}) + "
+                f"{v.max_instruction_tokens} instruction + 2 = {v.seq_len}")
+    return (f"tokens per sample: {v.num_patches} image tokens ({v.vlm.family}, {v.image_size}px / {v.patch_size}) + "
+            f"{v.vlm.prompt_tokens} prompt + {v.max_instruction_tokens} instruction + 2 = {v.seq_len}")
+
+
 def render(plan: Plan, out: Path | None = None) -> str:
     v, c = plan.vla, plan.cluster
     samples = plan.train.batch_size * plan.train.grad_accum * c.gpus
     head = [f"actdistill plan: {plan.job} of {plan.model_name} ({v.backbone}, {v.num_layers} x {v.hidden_size}) on "
             f"{c.gpus} x {c.gpu_memory_gib:g} GiB GPUs ({c.nodes} node{'s' * (c.nodes > 1)}), bf16",
-            f"tokens per sample: {v.num_patches} patches ({v.image_size}px / {v.patch_size}) + "
-            f"{v.max_instruction_tokens} instruction + 2 = {v.seq_len}", ""]
+            _render_tokens(v), ""]
     body = _render_params(plan) + [""] + _render_flops(plan, samples) + [""]
     for mode in _modes(plan.job):
         body += _render_memory(plan, mode) + [""]
@@ -686,8 +711,8 @@ def render(plan: Plan, out: Path | None = None) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="actdistill plan", description="Size a job for a GPU cluster (meta device)")
     p.add_argument("--config", help="YAML config, e.g. infra/configs/cluster.yaml (default: built-in defaults)")
-    p.add_argument("--variant", help="a named decoder from pipeline/models/variants.py, e.g. llama2-7b "
-                                     "(default: the config's model section)")
+    p.add_argument("--variant", help="a named decoder or VLM from pipeline/models/variants.py, e.g. llama2-7b, "
+                                     "llava-7b (default: the config's model section)")
     p.add_argument("--job", choices=["distill", "train-teacher"], default="distill")
     p.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
                    help="gpu (default): size for a GPU cluster; cpu: host memory per CPU training worker of the "

@@ -108,7 +108,7 @@ def test_an_impossible_cluster_is_reported_with_its_figures(tmp_path, capsys):
 def test_an_unknown_variant_lists_the_choices(capsys):
     code = plan.main(["--variant", "llama3-70b", "--gpus", "8", "--gpu-memory-gib", "80"])
     assert code == 2
-    assert "unknown variant 'llama3-70b'; choose from llama2-7b, qwen2-1.5b, mistral-7b" in capsys.readouterr().err
+    assert "unknown variant 'llama3-70b'; choose from llama2-7b, qwen2-1.5b, mistral-7b, llava-7b, paligemma-3b, smolvlm-2b" in capsys.readouterr().err
 
 
 def test_a_bad_cluster_names_the_flag_and_a_fix():

@@ -9,8 +9,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import ModelSection
 from pipeline.evaluate.flops import policy_flops, vit_flops
+from pipeline.evaluate.report import EvaluationReport, PolicyReport, summary_table
 from pipeline.models.student import derive_student
 from pipeline.models.tiny_vlm import DEFAULT_IMAGE_SIZE, build_tiny_vlm
+from pipeline.models.variants import size_on_meta, vlm_variant_config
 from pipeline.models.vla import VLA, teacher_config
 
 FAMILIES = ["llava", "paligemma", "idefics3"]
@@ -73,3 +75,51 @@ def test_a_routed_vlm_student_counts_the_layers_it_ran_and_its_router(teachers):
     executed = float(out.executed.sum())
     assert 0 < executed < student.cfg.num_layers, "the test needs a call that skips some layers"
     assert counter.get_total_flops() == policy_flops(student.cfg, executed, 16)["total"]
+
+
+# (parameters of our VLA: lower, upper bound), and the published checkpoint's count the VLA's own add up to once its
+# proprio + action head (ours) are swapped for the LM head (theirs; tied in Gemma: none).
+SIZES = {"llava-7b": ((6.9e9, 7.0e9), 7.06e9, 32064 * 4096), "paligemma-3b": ((2.9e9, 2.95e9), 2.92e9, 0),
+         "smolvlm-2b": ((2.1e9, 2.2e9), 2.25e9, 49155 * 2048)}
+
+
+@pytest.mark.parametrize("name", list(SIZES))
+def test_vlm_variants_are_sized_from_the_modules_built_on_the_meta_device(name):
+    cfg = vlm_variant_config(name, max_instruction_tokens=12, proprio_dim=39, action_dim=4)
+    with torch.device("meta"):
+        model = VLA(cfg)
+    sized = size_on_meta(cfg)
+    assert sized["params_total"] == sum(p.numel() for p in model.parameters())
+    assert sized["params_vision_tower"] == sum(p.numel() for p in model.vision.tower.parameters())
+    parts = ("params_vision_tower", "params_projector", "params_backbone", "params_head")
+    assert sum(sized[k] for k in parts) == sized["params_total"]
+    (low, high), published, lm_head = SIZES[name]
+    assert low < sized["params_total"] < high
+    assert sized["params_total"] - sized["params_head"] + lm_head == pytest.approx(published, rel=0.005)
+    assert sized["flops_vision"] == sized["flops_vision_tower"] + sized["flops_projector"] > 0
+
+
+def test_the_plan_of_a_vlm_variant_prints_its_split(capsys, tmp_path):
+    from pipeline import plan
+
+    code = plan.main(["--config", "infra/configs/cluster.yaml", "--variant", "llava-7b", "--gpus", "8",
+                      "--gpu-memory-gib", "80", "--out", str(tmp_path / "ds.json")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "vision tower 303.5 M, projector 21.0 M, decoder 6,607.6 M" in out
+    assert "576 image tokens (llava, 336px / 14)" in out
+    assert "(vision tower 0.382 TFLOPs, projector 0.024 TFLOPs" in out
+
+
+def test_a_report_of_a_vlm_policy_carries_its_flops_by_part(teachers):
+    cfg = teachers["paligemma"].cfg
+    flops = policy_flops(cfg, float(cfg.num_layers))
+    policy = PolicyReport(success=0.5, episodes=2, ci95=(0.1, 0.9), per_task={}, executed_fraction=1.0,
+                          layer_frequency=[1.0] * cfg.num_layers, flops=flops, action_mse_norm=0.1,
+                          action_mse_raw=0.1, heldout_rows=8, latency_ms_median=1.0, latency_ms_p90=1.0)
+    report = EvaluationReport(tasks=[], seeds=[0], max_steps=1, policies={"teacher": policy})
+    again = EvaluationReport.model_validate_json(report.to_json())
+    metrics = again.flat_metrics()
+    assert metrics["teacher/flops_vision_tower"] == flops["vision_tower"] > 0
+    assert metrics["teacher/flops_projector"] == flops["projector"] > 0
+    assert f"- teacher: vision tower {flops['vision_tower'] / 1e6:.2f}, projector" in summary_table(again)

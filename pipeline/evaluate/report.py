@@ -32,7 +32,9 @@ class PolicyReport(_Record):
     per_task: dict[str, TaskSuccess]
     executed_fraction: float           # decoder layers run per call, mean over the closed-loop calls
     layer_frequency: list[float]       # per decoder layer, the fraction of closed-loop calls that ran it
-    flops: dict[str, float]            # per batch-1 call: vision, backbone, router, action_head, total
+    # per batch-1 call: vision (= vision_tower + projector; those two absent in older reports), backbone, router,
+    # action_head, total
+    flops: dict[str, float]
     action_mse_norm: float             # held-out rows, normalised action units
     action_mse_raw: float
     heldout_rows: float                # the rows both action errors are measured on
@@ -102,6 +104,12 @@ def summary_table(report: EvaluationReport) -> str:
                      f"| {b.flops['backbone'] / 1e6:.2f} | {b.flops['total'] / 1e6:.2f} "
                      f"| {b.latency_ms_median:.2f} / {b.latency_ms_p90:.2f} "
                      f"| {layers} | {b.action_mse_norm:.3f} |")
+    parts = [(name, b.flops) for name, b in report.policies.items() if "vision_tower" in b.flops]
+    if parts:   # reports written before the split lack vision_tower and projector
+        lines += ["", "FLOPs per call by part (MFLOPs):"] + [
+            f"- {name}: vision tower {f['vision_tower'] / 1e6:.2f}, projector {f['projector'] / 1e6:.2f}, "
+            f"decoder {f['backbone'] / 1e6:.2f}, router {f['router'] / 1e6:.2f}, head {f['action_head'] / 1e6:.2f}"
+            for name, f in parts]
     for name, r in (report.ratios or {}).items():
         lines.append("")
         lines.append(f"{name} vs teacher: backbone FLOPs x{r.backbone_flops_ratio:.2f}, "

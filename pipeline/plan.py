@@ -517,7 +517,7 @@ def cpu_worker_bytes(params: Params, train: TrainSection, online: bool, activati
              "gradients": w * p / (n if stage >= 2 else 1),
              "adam": 8 * p / (n if stage else 1),
              "frozen teacher": w * params.frozen / weights_shards if online else 0.0,
-             "activations": activations_per_sample * train.batch_size * (4 / 2 if w == 4 else 1)}
+             "activations": activations_per_sample * train.batch_size * w / 2}
     if stage == 3:
         sub = min(float(SUB_GROUP), p / n)
         # DeepSpeed's own: the gradient buffer the optimizer's init leaves on each sub-group (one sub-group of
@@ -535,7 +535,7 @@ def cpu_plan(cfg: PipelineConfig, image_shape: tuple[int, int, int], proprio_dim
     vla = teacher_config(cfg.model, list(image_shape), proprio_dim, action_dim)
     train = cfg.distill.train
     params = count_params(vla, cfg.model, cfg.router.hidden, "distill")
-    # activation_bytes_per_sample counts bf16 activations; fp32 keeps twice the bytes (scaled in cpu_worker_bytes).
+    # activation_bytes_per_sample counts bf16 activations (cpu_worker_bytes scales them to the training dtype).
     per_sample = activation_bytes_per_sample(vla, cfg.model, "distill")["total"]
     online = cfg.distill.teacher_mode == "online"
     terms, export = cpu_worker_bytes(params, train, online, per_sample, params.teacher + params.router,
@@ -751,6 +751,9 @@ def render_cpu(plan: CpuPlan, train: TrainSection, ram_gib: float | None) -> tup
 
 
 def _main_cpu(args: argparse.Namespace, cfg: PipelineConfig) -> int:
+    if args.variant:
+        raise ValueError(f"--variant={args.variant} sizes a GPU plan; with --device cpu set the model section "
+                         f"instead (e.g. model.hidden_size=4096 model.num_layers=2)")
     size = args.image_size or cfg.collect.image_size
     plan = cpu_plan(cfg, (size, size, 3), args.proprio_dim, args.action_dim)
     text, fits = render_cpu(plan, cfg.distill.train, args.cpu_memory_gib)

@@ -15,6 +15,7 @@ from pipeline.models.variants import hf_checkpoint_params
 from pipeline.models.vla import VLA, VLAConfig
 
 CLUSTER_YAML = "infra/configs/cluster.yaml"
+SMOKE = "jobs/configs/smoke.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +152,41 @@ def test_the_activation_estimate_matches_what_autograd_saves():
         if probes_on:
             estimate += plan.probe_bytes_per_sample(vla, model)
         assert estimate == pytest.approx(measured, rel=0.02)
+
+
+SEVEN_B_WIDE = ["model.hidden_size=4096", "model.intermediate_size=11008", "model.num_heads=32",
+                "model.num_kv_heads=32", "model.vocab_size=32000", "model.num_layers=2", "collect.image_size=32",
+                "model.patch_size=8", "model.max_instruction_tokens=8", "distill.teacher_mode=online",
+                "distill.train.batch_size=1", "distill.train.precision=fp32"]
+
+
+def test_the_cpu_plan_shards_model_states_under_zero3_and_refuses_a_machine_too_small(capsys):
+    """bench/scale.py's config: 2 layers of 7B width, 2 CPU workers, online teacher."""
+    cfg = load_config(SMOKE, SEVEN_B_WIDE + ["distill.train.zero_stage=3"])
+    zero3 = plan.cpu_plan(cfg, (32, 32, 3), 4, 4)
+    whole = plan.cpu_plan(load_config(SMOKE, SEVEN_B_WIDE + ["distill.train.zero_stage=0"]), (32, 32, 3), 4, 4)
+    p = zero3.params.trained
+    # fp32 ZeRO-3 on 2 workers: 4 bytes of weights, 4 of gradients and 8 of AdamW per trained parameter, halved;
+    # the frozen teacher's 4 bytes halved too; no master copy in fp32.
+    assert zero3.breakdown["weights"] == zero3.breakdown["gradients"] == 2 * p
+    assert zero3.breakdown["adam"] == 4 * p and zero3.breakdown["master"] == 0
+    assert zero3.breakdown["frozen teacher"] == 2 * zero3.params.frozen
+    assert zero3.export == 4 * (zero3.params.teacher + zero3.params.router)
+    states = ("weights", "gradients", "adam", "frozen teacher")
+    # Unsharded (ZeRO-0) every worker holds all 16 bytes per trained parameter and the whole frozen teacher.
+    assert sum(whole.breakdown[k] for k in states) == 2 * sum(zero3.breakdown[k] for k in states)
+
+    base = ["--device", "cpu", "--config", SMOKE, *SEVEN_B_WIDE, "distill.train.zero_stage=3"]
+    assert plan.main([*base[:4], "--cpu-memory-gib", "24", *base[4:]]) == 0
+    assert plan.main([*base[:4], "--cpu-memory-gib", "12", *base[4:]]) == 1
+    printed = capsys.readouterr().out
+    assert "rank 0 (+ export)" in printed and "DOES NOT FIT" in printed and "--cpu-memory-gib=12" in printed
+
+
+def test_a_gpu_plan_whose_nodes_lack_the_ram_is_refused_naming_it(tmp_path, capsys):
+    code = plan.main(["--config", CLUSTER_YAML, "--variant", "llama2-7b", "--gpus", "8", "--gpu-memory-gib", "80",
+                      "--cpu-memory-gib", "16", "--out", str(tmp_path / "ds.json")])
+    printed = capsys.readouterr().out
+    assert code == 1 and not (tmp_path / "ds.json").exists()
+    assert "host RAM per node" in printed
+    assert "DOES NOT FIT (cached): the nodes' RAM" in printed and "--cpu-memory-gib=16" in printed

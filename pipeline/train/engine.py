@@ -24,15 +24,12 @@ SUB_GROUP = 100_000_000   # elements the ZeRO-3 optimizer steps at once (DeepSpe
 def zero3_buckets(hidden_size: int) -> dict[str, Any]:
     """ZeRO-3's buffers sized from the model width (the sizes Hugging Face's integration derives for "auto"), so
     their memory grows with the model instead of DeepSpeed's fixed defaults (a 5e8-element reduce bucket: 2 GB in
-    fp32, more than the model at smoke size). And parameters are released after each use (reuse distance 0): a
-    layer's weights are gathered for its forward and again for its backward, the 3x-forward traffic `plan` counts,
-    and the live set stays one layer plus the prefetch bucket (with the default 1e9, every weight of a model that
-    small stayed gathered between forward and backward: the whole model on every worker). The optimizer steps
-    its partition in sub-groups of at most SUB_GROUP elements, so AdamW's temporaries (its denominator: one fp32
-    tensor the size of what it steps) stay 0.4 GB instead of the whole partition (1.1 GB per worker at 2 layers
-    of 7B width on 2 workers, 3.3 GB at 32 layers on 8), and at most SUB_GROUP parameters are gathered at once
-    (measured at 2 layers of 7B width: with DeepSpeed's default 1e9, forwards after the first kept 2.1 GB more
-    gathered per worker; with 1e8, 0.6 GB)."""
+    fp32, more than the whole model at smoke size). Parameters are released after each use (reuse distance 0): a
+    layer's weights are gathered for its forward and again for its backward, the 3x-forward traffic `plan`
+    counts. At most SUB_GROUP parameters are gathered at once (measured at 2 layers of 7B width, fp32, 2 workers:
+    with DeepSpeed's default 1e9, every forward after the first held 2.1 GB more per worker; with 1e8, 0.6 GB),
+    and the optimizer steps its partition in sub-groups of SUB_GROUP elements, so AdamW's temporaries (its
+    denominator: one fp32 tensor the size of what it steps) stay 0.4 GB instead of the whole partition."""
     h2 = hidden_size * hidden_size
     return {"reduce_bucket_size": h2, "stage3_prefetch_bucket_size": int(0.9 * h2),
             "stage3_param_persistence_threshold": 10 * hidden_size, "stage3_max_reuse_distance": 0,

@@ -78,7 +78,7 @@ def _rank(rank: int, port: int, folder: str, precision: str, out: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["bf16"])   # fp32 ZeRO-3 end to end: tests/test_zero3_validation.py
 def test_zero3_builds_the_objective_partitioned_and_exports_on_rank0_only(tmp_path, precision):
     torch.manual_seed(1)
     teacher = VLA(TEACHER)

@@ -176,9 +176,12 @@ def test_a_vlm_teacher_runs_through_probe_distill_and_evaluate_without_its_folde
     """The real jobs (Ray Train + DeepSpeed, Ray Data, Meta-World) on a tiny LLaVA at 32 px: train-teacher reads
     the folder; probe-teacher, distill and evaluate run after it is deleted. The frozen vision tower leaves
     training exactly as the folder had it."""
-    import subprocess
-    import sys
+    import ray
 
+    from jobs import distill as distill_job
+    from jobs import evaluate as evaluate_job
+    from jobs import probe_teacher as probe_teacher_job
+    from jobs import train_teacher as train_teacher_job
     from pipeline.data.shards import write_shards
     from pipeline.sim.metaworld_env import run_expert_episode
 
@@ -195,13 +198,15 @@ def test_a_vlm_teacher_runs_through_probe_distill_and_evaluate_without_its_folde
                  "evaluate.episodes_per_task=1", "evaluate.max_steps=10", "evaluate.latency_calls=3",
                  "evaluate.num_workers=1", "evaluate.envs_per_worker=2",
                  "teacher.num_workers=1", "distill.train.num_workers=1"]   # 2 small cores: one worker each
-    for job in ("train_teacher", "probe_teacher", "distill", "evaluate"):
-        proc = subprocess.run([sys.executable, "-m", f"jobs.{job}", "--config",
-                               str(REPO / "jobs" / "configs" / "vlm-smoke.yaml"), *overrides],
-                              cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"{job}:\n" + proc.stderr[-4000:]
-        if job == "train_teacher":
-            shutil.rmtree(folder)
+    cfg = load_config(REPO / "jobs" / "configs" / "vlm-smoke.yaml", overrides)
+    # In this process, one Ray instance for the four jobs (a subprocess per job cost ~20 s of start-up each).
+    try:
+        for job in (train_teacher_job, probe_teacher_job, distill_job, evaluate_job):
+            job.main(cfg)
+            if job is train_teacher_job:
+                shutil.rmtree(folder)
+    finally:
+        ray.shutdown()
     teacher, _ = load_policy(str(run_dir / "teacher"))
     assert teacher.cfg.vlm.family == "llava" and teacher.cfg.vlm.num_image_tokens == 16
     ours = teacher.state_dict()

@@ -30,7 +30,6 @@ from pipeline.errors import BadInput, MissingInput
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
-CACHE_ENV = "ACTDISTILL_WEIGHTS_CACHE"   # where s3:// weight files are copied on each node (default: $TMPDIR)
 HASH_CHUNK = 64 << 20
 
 
@@ -136,7 +135,7 @@ def local_copy(uri: str) -> Path:
         if not Path(path).is_file():
             raise MissingInput(f"{uri} does not exist; check the URI or run the stage that writes it")
         return Path(path)
-    cache = Path(os.environ.get(CACHE_ENV) or tempfile.gettempdir()) / "actdistill-weights"
+    cache = Path(tempfile.gettempdir()) / "actdistill-weights"   # the node's temp folder ($TMPDIR, else /tmp)
     target = cache / hashlib.sha256(uri.encode()).hexdigest()[:24] / uri.rsplit("/", 1)[-1]
     fs, path = storage.resolve(uri)
     with storage.reaching(uri):

@@ -81,6 +81,12 @@ def test_hf_decoder_and_our_checkpoints_load_from_s3(hf_folder, s3_server, tmp_p
         x = (torch.rand(2, 3, 32, 32), ["push the puck", "reach"], torch.randn(2, 4))
         torch.testing.assert_close(reloaded(*x, mode="hard").actions, policy(*x, mode="hard").actions)
         assert meta.normalizer == NORMALIZER
+    # The same URI rewritten with other weights of the same size: the node's cached copy is not reused.
+    with torch.no_grad():
+        vla.action_head[-1].bias.add_(1.0)
+    digest = save_policy(vla, f"{s3_server}/teacher", PolicyCard(normalizer=NORMALIZER))
+    reloaded, meta = load_policy(f"{s3_server}/teacher")
+    assert meta.hash == digest and torch.equal(reloaded.action_head[-1].bias, vla.action_head[-1].bias)
 
 
 def test_a_wrong_folder_names_what_is_missing(tmp_path):

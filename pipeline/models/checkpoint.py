@@ -100,6 +100,9 @@ def policy_weights(uri: str, card: PolicyCard | None = None) -> TensorSource:
     card = card or read_policy_config(uri)
     path = local_copy(storage.join(uri, WEIGHTS))
     digest = file_hash(path)
+    if digest != card.weights_sha256_16 and storage.is_s3(uri):   # a cached copy older than the object: fetch again
+        path = local_copy(storage.join(uri, WEIGHTS), refresh=True)
+        digest = file_hash(path)
     if digest != card.weights_sha256_16 or card.vla is None:
         raise StaleInput(f"{storage.join(uri, WEIGHTS)} has hash {digest} but {CONFIG} records "
                          f"{card.weights_sha256_16}: the folder mixes two checkpoints; re-export it")

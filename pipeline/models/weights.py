@@ -125,31 +125,33 @@ class TensorSource:
         self.close()
 
 
-def local_copy(uri: str) -> Path:
+def local_copy(uri: str, refresh: bool = False) -> Path:
     """A local path to mmap: the file itself, or (s3://) a copy in the node's cache, made once per node.
 
-    The copy streams in 64 MiB chunks to a temporary name and is renamed when complete, so processes that
-    start together never map a half-written file (the loser of a race overwrites with identical bytes)."""
+    The copy is named by the object's URI, size and modification time, so an object rewritten since is fetched
+    again (refresh=True fetches it whatever the cache holds: S3's times are to the second). It streams in 64 MiB
+    chunks to a temporary name and is renamed when complete, so processes that start together never map a
+    half-written file (the loser of a race overwrites with identical bytes)."""
     if not storage.is_s3(uri):
-        fs, path = storage.resolve(uri)
+        _, path = storage.resolve(uri)
         if not Path(path).is_file():
             raise MissingInput(f"{uri} does not exist; check the URI or run the stage that writes it")
         return Path(path)
-    cache = Path(tempfile.gettempdir()) / "actdistill-weights"   # the node's temp folder ($TMPDIR, else /tmp)
-    target = cache / hashlib.sha256(uri.encode()).hexdigest()[:24] / uri.rsplit("/", 1)[-1]
     fs, path = storage.resolve(uri)
     with storage.reaching(uri):
-        size = fs.get_file_info(path).size
-        if target.is_file() and target.stat().st_size == size:
+        info = fs.get_file_info(path)
+        if info.size is None:
+            raise MissingInput(f"{uri} does not exist; check the URI or run the stage that writes it")
+        version = f"{uri}|{info.size}|{info.mtime_ns}"
+        target = (Path(tempfile.gettempdir()) / "actdistill-weights"   # the node's temp folder ($TMPDIR, else /tmp)
+                  / hashlib.sha256(version.encode()).hexdigest()[:24] / uri.rsplit("/", 1)[-1])
+        if target.is_file() and target.stat().st_size == info.size and not refresh:
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-        try:
-            with fs.open_input_stream(path) as src, open(partial, "wb") as out:
-                while chunk := src.read(HASH_CHUNK):
-                    out.write(chunk)
-        except FileNotFoundError:
-            raise MissingInput(f"{uri} does not exist; check the URI or run the stage that writes it") from None
+        with fs.open_input_stream(path) as src, open(partial, "wb") as out:
+            while chunk := src.read(HASH_CHUNK):
+                out.write(chunk)
         os.replace(partial, target)
     return target
 

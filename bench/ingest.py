@@ -26,6 +26,7 @@ import numpy as np
 import ray
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from moto.server import ThreadedMotoServer
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -125,10 +126,10 @@ def measure_consumption(cfg: PipelineConfig, manifest: Manifest, steps: int, thr
     weights = LossWeights(budget=cfg.router.budget)
 
     def step() -> None:
-        pred, sem_s, act_s, gates = module(images, instructions, proprio, forward_mode(cfg.router.gate),
-                                           cfg.router.threshold)
-        loss, _ = distill_loss(pred, actions, sem_s, act_s, sem_t, act_t,
-                               budget_gates(gates, cfg.router.gate, cfg.router.threshold), weights)
+        out, sem_s, act_s = module(images, instructions, proprio, forward_mode(cfg.router.gate),
+                                   cfg.router.threshold)
+        loss, _ = distill_loss(F.mse_loss(out.actions, actions), actions, sem_s, act_s, sem_t, act_t,
+                               budget_gates(out.gates, cfg.router.gate, cfg.router.threshold), weights)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

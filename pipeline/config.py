@@ -93,6 +93,12 @@ class ModelSection(_Section):
                           "backbone below do not apply; null for our own vision stem")
     train_vision: bool = Field(False, description="with pretrained_vlm: true to train the vision tower and "
                                                   "projector too; false keeps them frozen")
+    action_head: Literal["regression", "tokens"] = Field(
+        "regression", description="regression (an MLP to continuous actions, trained with MSE) or tokens (each "
+                                  "action dimension in action_bins bins between the data's 1st and 99th "
+                                  "percentiles, predicted as tokens with cross-entropy, OpenVLA-style)")
+    action_bins: int = Field(256, ge=2, le=65536, description="bins per action dimension of the tokens head, "
+                                                              "e.g. 256")
     backbone: Literal["llama", "qwen2", "mistral", "gemma"] = Field(
         "llama", description="decoder family of a from-scratch teacher: llama, qwen2, mistral or gemma")
     hidden_size: int = Field(64, ge=8, description="decoder width, divisible by num_heads")

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pipeline.config import ConfigError, ModelSection, PipelineConfig, TrainSection, load_config
+from pipeline.data.manifest import Stats
 from pipeline.evaluate.flops import policy_flops
 from pipeline.models.graph import LayerProbe, ProbeSet
 from pipeline.models.student import DistillModule
@@ -91,10 +92,15 @@ def plan_vla_config(cfg: PipelineConfig, variant_name: str | None, image_size: i
                              f"processor's size); leave --image-size out")
         return vla
     size = image_size or cfg.collect.image_size
-    vla = teacher_config(cfg.model, [size, size], proprio_dim, action_dim)
+    vla = teacher_config(cfg.model, [size, size], proprio_dim, action_dim, _sizing_stats(action_dim))
     if variant_name is None:
         return vla
     return vla.model_copy(update=variant(variant_name))
+
+
+def _sizing_stats(action_dim: int) -> Stats:
+    """Action statistics for sizing without data: a tokens head's bins' range changes none of its sizes."""
+    return Stats(mean=[0.0] * action_dim, std=[1.0] * action_dim, q01=[-1.0] * action_dim, q99=[1.0] * action_dim)
 
 
 def _count(module: nn.Module) -> float:
@@ -532,7 +538,7 @@ def cpu_worker_bytes(params: Params, train: TrainSection, online: bool, activati
 
 def cpu_plan(cfg: PipelineConfig, image_shape: tuple[int, int, int], proprio_dim: int, action_dim: int) -> CpuPlan:
     """`plan --device cpu` for the distill job of `cfg`: host memory per worker and FLOPs per optimizer step."""
-    vla = teacher_config(cfg.model, list(image_shape), proprio_dim, action_dim)
+    vla = teacher_config(cfg.model, list(image_shape), proprio_dim, action_dim, _sizing_stats(action_dim))
     train = cfg.distill.train
     params = count_params(vla, cfg.model, cfg.router.hidden, "distill")
     # activation_bytes_per_sample counts bf16 activations (cpu_worker_bytes scales them to the training dtype).

@@ -75,18 +75,19 @@ class LossWeights:
                    budget=router.budget, budget_per_input=router.budget_scope == "input")
 
 
-def distill_loss(actions: torch.Tensor, a_gt: torch.Tensor, sem_s: torch.Tensor, act_s: torch.Tensor,
+def distill_loss(task: torch.Tensor, a_gt: torch.Tensor, sem_s: torch.Tensor, act_s: torch.Tensor,
                  sem_t: torch.Tensor, act_t: torch.Tensor, gates: torch.Tensor, w: LossWeights
                  ) -> tuple[torch.Tensor, dict[str, float]]:
     """L = L_task + sum_l w_l [alpha (align + eta struct) + beta act] + budget (+ balance).
 
-    sem_* are L x B x S, act_* are L x B x A, gates B x L.
+    task is the student's own action loss on its final output (action_head.action_task_loss: MSE for the
+    regression head, cross-entropy over the bins for the tokens head). sem_* are L x B x S, act_* are L x B x A
+    (the per-layer probes' continuous actions, whichever the head), gates B x L.
     """
     num_layers = sem_s.shape[0]
-    weights = layer_weights(num_layers, w.gamma).to(actions.device)
-    task = F.mse_loss(actions, a_gt)
+    weights = layer_weights(num_layers, w.gamma).to(task.device)
     parts = {"align": 0.0, "struct": 0.0, "act": 0.0}
-    layered = actions.new_zeros(())
+    layered = task.new_zeros(())
     for l in range(num_layers):
         align = align_loss(sem_s[l], sem_t[l])
         struct = struct_loss(sem_s[l], sem_t[l])
@@ -101,15 +102,14 @@ def distill_loss(actions: torch.Tensor, a_gt: torch.Tensor, sem_s: torch.Tensor,
     return total, parts
 
 
-def regression_loss(actions: torch.Tensor, a_gt: torch.Tensor, a_teacher: torch.Tensor, gates: torch.Tensor,
+def regression_loss(task: torch.Tensor, teacher: torch.Tensor, gates: torch.Tensor,
                     w: LossWeights) -> tuple[torch.Tensor, dict[str, float]]:
-    """The no-graph-supervision ablation: L = MSE(a, a_gt) + MSE(a, a_teacher) + budget (+ balance).
+    """The no-graph-supervision ablation: L = task + teacher + budget (+ balance).
 
-    The student's final action only, against the expert's and the ungated teacher's: plain action
+    The student's final action only, its own action loss against the expert's action (task) and against the
+    ungated teacher's (teacher; MSE, or cross-entropy to the teacher's bins for the tokens head): plain action
     distillation with the same router and budget as distill_loss, none of the per-layer terms.
     """
-    task = F.mse_loss(actions, a_gt)
-    teacher = F.mse_loss(actions, a_teacher)
     router, budget = _router_terms(gates, w)
     total = task + teacher + router
     return total, {"task": float(task.detach()), "teacher_action": float(teacher.detach()),

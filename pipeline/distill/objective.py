@@ -10,6 +10,7 @@ from torch import nn
 
 from pipeline.config import DistillSection, RouterSection
 from pipeline.distill.losses import LossWeights, distill_loss, regression_loss
+from pipeline.models.action_head import action_task_loss
 from pipeline.models.graph import ProbeSet
 from pipeline.models.router import anneal_temperature, budget_gates, forward_mode
 from pipeline.models.student import DistillModule
@@ -63,17 +64,22 @@ class StudentObjective(nn.Module):
         if targets is None:
             targets = self.online_targets(images, instructions, proprio)
         mode = forward_mode(gate)
+        head = self.distill.student.action_head
         if self.settings.objective == "action_regression":
             out = self.distill.student(images, instructions, proprio, mode=mode, threshold=threshold,
                                        temperature=temperature)
-            gates = out.gates
-            loss, parts = regression_loss(out.actions.float(), actions, targets.action,
-                                          budget_gates(gates, gate, threshold).float(), self.weights)
+            task = action_task_loss(head, out.actions, out.action_logits, actions)
+            teacher = action_task_loss(head, out.actions, out.action_logits, targets.action, "teacher_action")
+            loss, parts = regression_loss(task.loss, teacher.loss, budget_gates(out.gates, gate, threshold).float(),
+                                          self.weights)
         else:
-            pred, sem_s, act_s, gates = self.distill(images, instructions, proprio, mode, threshold, temperature)
-            loss, parts = distill_loss(pred.float(), actions, sem_s.float(), act_s.float(), targets.sem,
-                                       targets.act, budget_gates(gates, gate, threshold).float(), self.weights)
-        return loss, parts, (gates >= threshold).float().mean()
+            out, sem_s, act_s = self.distill(images, instructions, proprio, mode, threshold, temperature)
+            task = action_task_loss(head, out.actions, out.action_logits, actions)
+            loss, parts = distill_loss(task.loss, actions, sem_s.float(), act_s.float(), targets.sem, targets.act,
+                                       budget_gates(out.gates, gate, threshold).float(), self.weights)
+        if "clipped_action_values" in task.parts:   # a tokens head: expert values outside the bins' range
+            parts["clipped_action_values"] = task.parts["clipped_action_values"]
+        return loss, parts, (out.gates >= threshold).float().mean()
 
     def temperature(self, step: int) -> float:
         """The gate temperature at this optimizer step: annealed 1 -> router.anneal_to, else 1."""

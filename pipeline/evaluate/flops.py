@@ -84,10 +84,13 @@ def policy_flops(cfg: VLAConfig, executed_layers: float, router_hidden: int | No
     vision = tower + projector
     proprio = 2 * (cfg.proprio_dim * d + d * d)
     backbone = executed_layers * decoder_layer_flops(cfg)
-    head = 2 * (d * d + d * cfg.action_dim)
+    # regression: d -> d -> A on the last token; tokens: A query states, each through the d -> bins projection.
+    head = (2 * cfg.action_dim * d * cfg.action_bins if cfg.action_head == "tokens"
+            else 2 * (d * d + d * cfg.action_dim))
     router = 0
     if router_hidden:
-        text_tokens = cfg.seq_len - cfg.num_patches - 2    # instruction (a VLM: its whole prompt but the image)
+        # the instruction (a VLM: its whole prompt but the image): all but the image, proprio and action queries
+        text_tokens = cfg.seq_len - cfg.num_patches - 1 - cfg.action_queries
         router = 2 * (cfg.num_patches + text_tokens) * d * router_hidden
         router += 2 * 4 * router_hidden * cfg.num_layers
     total = vision + proprio + backbone + head + router

@@ -12,10 +12,11 @@ from typing import Any
 
 from pipeline.data import storage
 from pipeline.errors import MissingInput
+from pipeline.models.action_head import TokenHead, lm_head_rows
 from pipeline.models.backbones import BACKBONES, backbone_dims
 from pipeline.models.tokenizer import read_tokenizer_files
 from pipeline.models.vla import VLA
-from pipeline.models.weights import TensorSource, stream_into, targets
+from pipeline.models.weights import TensorSource, assign, stream_into, targets
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -97,4 +98,7 @@ def _load_backbone(vla: VLA, uri: str, source: TensorSource) -> dict[str, int]:
         raise ValueError(f"{uri} lacks {len(missing)} decoder tensor(s): {names}; is it the same architecture "
                          f"and size as its config.json says?")
     stream_into(vla, source, loaded)   # a mis-shaped tensor: BadInput naming it
+    if isinstance(vla.action_head, TokenHead):   # the bins start from the LM head's rows (or the tied embeddings)
+        rows = source.tensor("lm_head.weight" if "lm_head.weight" in source else loaded[embed])
+        assign(vla.action_head.proj.weight, lm_head_rows(vla.action_head, rows, uri))
     return {"loaded": len(loaded), "skipped": len(unused)}

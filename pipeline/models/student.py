@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from pipeline.models.graph import ProbeSet
-from pipeline.models.vla import VLA, VLAConfig
+from pipeline.models.vla import VLA, VLAConfig, VLAOutput
 
 
 def student_config(teacher: VLAConfig, router_hidden: int, static_layers: tuple[int, ...] | None = None) -> VLAConfig:
@@ -37,8 +37,9 @@ class DistillModule(nn.Module):
 
     def forward(self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor,
                 mode: str, threshold: float, temperature: float = 1.0
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> tuple[VLAOutput, torch.Tensor, torch.Tensor]:
+        """The student's output (actions, gates, a tokens head's logits) and its per-layer semantics and actions."""
         out = self.student(images, instructions, proprio, mode=mode, threshold=threshold, record=True,
                            temperature=temperature)
         sem, act = self.probes(out.hidden, out.token_mask)
-        return out.actions, sem, act, out.gates
+        return out, sem, act

@@ -15,7 +15,9 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from pipeline.config import ModelSection
+from pipeline.data.manifest import Stats
 from pipeline.errors import BadInput
+from pipeline.models.action_head import ACTION_HEADS, TokenHead, regression_head, token_range
 from pipeline.models.backbones import backbone_config, backbone_dims, build_backbone, pretrained_config
 from pipeline.models.router import GatedLayer, GateMode, GateState, Router, StaticRouter, decide
 from pipeline.models.tokenizer import BackboneTokenizer
@@ -58,6 +60,25 @@ class VLAConfig(BaseModel):
     # A pretrained vision-language model the VLA is built from (vision tower + projector, its prompt and its
     # language model as the routed decoder); hf_config then holds its language model's config. None: our stem.
     vlm: VLMSpec | None = None
+    # The action head (pipeline/models/action_head.py): regression, or tokens with `action_bins` bins per dimension
+    # between action_low and action_high (normalised units: the data's 1st and 99th percentiles).
+    action_head: str = "regression"
+    action_bins: int = 256
+    action_low: tuple[float, ...] | None = None
+    action_high: tuple[float, ...] | None = None
+
+    @model_validator(mode="after")
+    def _tokens_head_has_its_range(self) -> VLAConfig:
+        if self.action_head not in ACTION_HEADS:
+            raise ValueError(f"unknown action head {self.action_head!r}; choose one of {', '.join(ACTION_HEADS)}")
+        if self.action_head == "tokens":
+            sizes = (len(self.action_low or ()), len(self.action_high or ()))
+            if sizes != (self.action_dim, self.action_dim):
+                raise ValueError(f"a tokens action head needs action_low and action_high of action_dim="
+                                 f"{self.action_dim} values each (the bins' range), got {sizes}")
+            if any(lo >= hi for lo, hi in zip(self.action_low, self.action_high)):
+                raise ValueError(f"action_low {self.action_low} must lie below action_high {self.action_high}")
+        return self
 
     @model_validator(mode="after")
     def _sizes_match_the_hf_config(self) -> VLAConfig:
@@ -78,11 +99,17 @@ class VLAConfig(BaseModel):
         return (self.image_size // self.patch_size) ** 2
 
     @property
+    def action_queries(self) -> int:
+        """Query tokens after proprio: one for the regression head, one per action dimension for tokens."""
+        return self.action_dim if self.action_head == "tokens" else 1
+
+    @property
     def seq_len(self) -> int:
-        # vision patches, instruction tokens (a VLM: its whole prompt, image tokens included), proprio, action query
+        # vision patches, instruction tokens (a VLM: its whole prompt, image tokens included), proprio, action queries
+        tail = 1 + self.action_queries
         if self.vlm is not None:
-            return self.vlm.text_length(self.max_instruction_tokens) + 2
-        return self.num_patches + self.max_instruction_tokens + 2
+            return self.vlm.text_length(self.max_instruction_tokens) + tail
+        return self.num_patches + self.max_instruction_tokens + tail
 
 
 # model.attention's choices; pipeline/config.py ModelSection.attention lists the same names.
@@ -154,6 +181,7 @@ class VLAOutput(NamedTuple):
     executed: torch.Tensor                # B x L, 1 where the layer ran
     hidden: list[torch.Tensor] | None     # per-layer B x N x d when recorded
     token_mask: torch.Tensor              # B x N, 1 for real tokens
+    action_logits: torch.Tensor | None = None   # B x A x bins for a tokens head (actions are its decoded bins)
 
 
 class VLA(nn.Module):
@@ -167,7 +195,7 @@ class VLA(nn.Module):
             self.patch_pos = nn.Parameter(torch.zeros(1, cfg.num_patches, d))
             self.vision_norm = nn.LayerNorm(d)
         self.proprio = nn.Sequential(nn.Linear(cfg.proprio_dim, d), nn.GELU(), nn.Linear(d, d))
-        self.action_query = nn.Parameter(torch.zeros(1, 1, d))
+        self.action_query = nn.Parameter(torch.zeros(1, cfg.action_queries, d))
         if cfg.vlm is None:
             nn.init.normal_(self.patch_pos, std=0.02)
         nn.init.normal_(self.action_query, std=0.02)
@@ -186,7 +214,8 @@ class VLA(nn.Module):
         self.gate_state = GateState()
         for i, layer in enumerate(list(self.backbone.layers)):
             self.backbone.layers[i] = GatedLayer(layer, i, self.gate_state)
-        self.action_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.action_dim))
+        self.action_head = (TokenHead(d, cfg.action_bins, cfg.action_low, cfg.action_high)
+                            if cfg.action_head == "tokens" else regression_head(d, cfg.action_dim))
         # The decoder's sdpa mask, causal part: built once (see _attention_mask); None where the decoder must
         # build its own. Not saved with the weights.
         self.register_buffer("causal", self._prepared_causal(), persistent=False)
@@ -247,7 +276,7 @@ class VLA(nn.Module):
         batch = images.shape[0]
         tail = torch.cat([self.proprio(proprio).unsqueeze(1), self.action_query.expand(batch, -1, -1)], 1)
         tokens = torch.cat([prompt, tail], dim=1)
-        mask = torch.cat([prompt_mask, torch.ones(batch, 2, dtype=torch.long, device=images.device)], 1)
+        mask = torch.cat([prompt_mask, torch.ones(batch, tail.shape[1], dtype=torch.long, device=images.device)], 1)
         return tokens, mask, vision, text, text_mask
 
     def _embed_vlm_prompt(self, images: torch.Tensor, instructions: list[str]
@@ -302,8 +331,14 @@ class VLA(nn.Module):
             hidden = state.hidden
         finally:
             state.reset()
-        actions = self.action_head(out.last_hidden_state[:, -1])
-        return VLAOutput(actions=actions, gates=gates, executed=executed, hidden=hidden, token_mask=mask)
+        logits = None
+        if isinstance(self.action_head, TokenHead):
+            logits = self.action_head(out.last_hidden_state[:, -self.cfg.action_queries:])
+            actions = self.action_head.decode(logits)
+        else:
+            actions = self.action_head(out.last_hidden_state[:, -1])
+        return VLAOutput(actions=actions, gates=gates, executed=executed, hidden=hidden, token_mask=mask,
+                         action_logits=logits)
 
     def decoder_inputs(self, mask: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The attention mask (and positions) the decoder gets for the B x N token mask. A PaliGemma VLM: what its
@@ -318,7 +353,7 @@ class VLA(nn.Module):
                              f"model.attention=sdpa or eager")
         real = mask.bool()
         prefix = real.clone()
-        prefix[:, -2:] = False
+        prefix[:, -(1 + self.cfg.action_queries):] = False   # proprio and the action queries follow the prefix
         causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
         allowed = ((causal | (prefix[:, :, None] & prefix[:, None, :])) & real[:, None, :])[:, None]
         if implementation == "eager":   # an additive mask, as the library's eager path takes it
@@ -348,8 +383,35 @@ def _decoder_config(cfg: VLAConfig) -> PretrainedConfig:
                            max_positions=max(64, cfg.seq_len))
 
 
-def teacher_config(model: ModelSection, image_shape: list[int], proprio_dim: int, action_dim: int) -> VLAConfig:
-    """A teacher's config: widths from the model section, input/output sizes from the data manifest."""
+def teacher_config(model: ModelSection, image_shape: list[int], proprio_dim: int, action_dim: int,
+                   action_stats: Stats | None = None) -> VLAConfig:
+    """A teacher's config: widths from the model section, input/output sizes from the data manifest. A tokens
+    head takes its bins' range from the manifest's action statistics (action_stats)."""
+    head = action_head_fields(model, action_dim, action_stats)
+    cfg = _teacher_body(model, image_shape, proprio_dim, action_dim, head)
+    pretrained = model.pretrained_vlm or model.pretrained_backbone
+    if cfg.action_head == "tokens" and pretrained and cfg.vocab_size < cfg.action_bins:
+        raise ValueError(f"model.action_bins={cfg.action_bins} exceeds the vocabulary of {pretrained} "
+                         f"({cfg.vocab_size} tokens): the bins start from its last action_bins token rows; set "
+                         f"model.action_bins to at most {cfg.vocab_size}")
+    return cfg
+
+
+def action_head_fields(model: ModelSection, action_dim: int, action_stats: Stats | None) -> dict[str, Any]:
+    """The VLAConfig fields of model.action_head: a tokens head's bins and their range (normalised units)."""
+    if model.action_head == "regression":
+        return {}
+    if action_stats is None:
+        raise ValueError("model.action_head=tokens bins each action dimension between the data's 1st and 99th "
+                         "percentiles: pass the manifest's action_stats")
+    if len(action_stats.q01) != action_dim:
+        raise ValueError(f"action_stats hold {len(action_stats.q01)} dimensions, the actions {action_dim}")
+    low, high = token_range(action_stats)
+    return {"action_head": "tokens", "action_bins": model.action_bins, "action_low": low, "action_high": high}
+
+
+def _teacher_body(model: ModelSection, image_shape: list[int], proprio_dim: int, action_dim: int,
+                  head: dict[str, Any]) -> VLAConfig:
     if model.pretrained_vlm:
         # A VLM fixes its vision tower, prompt and decoder; the shards' frames must be what its processor makes.
         spec = read_vlm_spec(model.pretrained_vlm, model.train_vision)
@@ -358,7 +420,7 @@ def teacher_config(model: ModelSection, image_shape: list[int], proprio_dim: int
         except ValueError as exc:
             raise BadInput(str(exc)) from None
         return VLAConfig(**vlm_dims(spec), max_instruction_tokens=model.max_instruction_tokens,
-                         image_size=image_shape[0], proprio_dim=proprio_dim, action_dim=action_dim)
+                         image_size=image_shape[0], proprio_dim=proprio_dim, action_dim=action_dim, **head)
     if image_shape[0] != image_shape[1]:
         raise ValueError(f"images are {image_shape[0]}x{image_shape[1]}; the vision encoder needs square images")
     if image_shape[0] % model.patch_size:
@@ -374,4 +436,4 @@ def teacher_config(model: ModelSection, image_shape: list[int], proprio_dim: int
         dims = pretrained_dims(model.pretrained_backbone)
     return VLAConfig(**dims, max_instruction_tokens=model.max_instruction_tokens, image_size=image_shape[0],
                      patch_size=model.patch_size, proprio_dim=proprio_dim, action_dim=action_dim,
-                     vision_stem=model.vision_stem)
+                     vision_stem=model.vision_stem, **head)

@@ -25,10 +25,11 @@ from transformers import AutoModel, AutoProcessor, PretrainedConfig, ProcessorMi
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from pipeline.data import storage
+from pipeline.models.action_head import TokenHead, lm_head_rows
 from pipeline.models.backbones import _for_the_vla, _init_deferred_under_zero3, backbone_dims
 from pipeline.models.tokenizer import _is_text
 from pipeline.models.vlm_import import VLM_FAMILIES, _expected_image_size, read_vlm_config
-from pipeline.models.weights import TensorSource, stream_into
+from pipeline.models.weights import TensorSource, assign, stream_into
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 PROBE_INSTRUCTION = "Pick up the red block, then open the drawer 2x!"
@@ -245,4 +246,9 @@ def load_vlm_weights(vla: nn.Module, uri: str) -> dict[str, int]:
         raise ValueError(f"{uri} lacks {len(missing)} tensor(s) of the {spec.family} model: {', '.join(missing[:5])}; "
                          f"is it the same architecture and size as its config.json says?")
     stream_into(vla, source, {wanted[key]: folder for key, folder in loaded.items()})
+    if isinstance(vla.action_head, TokenHead):
+        # The language model's head, or the tied embeddings it shares: the rows OpenVLA gives the action bins.
+        head = next((k for k in source.names() if library_key(spec, k) == "lm_head.weight"), None)
+        rows = source.tensor(head if head is not None else loaded[embed])
+        assign(vla.action_head.proj.weight, lm_head_rows(vla.action_head, rows, uri))
     return {"loaded": len(loaded), "skipped": len(source.names()) - len(loaded)}

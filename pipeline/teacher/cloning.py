@@ -20,6 +20,7 @@ from pipeline.data.batches import Normalizer, to_model_batch
 from pipeline.data.manifest import read_manifest
 from pipeline.data.shards import open_shards, shuffle_each_epoch, split_episodes
 from pipeline.data.validate import validate_shards
+from pipeline.models.action_head import action_task_loss
 from pipeline.models.checkpoint import PolicyCard, policy_hash
 from pipeline.models.hf_import import load_hf_backbone
 from pipeline.models.vla import VLA, VLAConfig, teacher_config
@@ -62,8 +63,13 @@ class _TeacherObjective(nn.Module):
         self.vla = vla
 
     def forward(self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor,
-                actions: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(self.vla(images, instructions, proprio).actions.float(), actions)
+                actions: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The head's own loss (MSE, or cross-entropy over action bins) and, for both heads, the decoded actions'
+        MSE as action_mse: the figure the teacher's result reports whichever head it has."""
+        out = self.vla(images, instructions, proprio)
+        loss, parts = action_task_loss(self.vla.action_head, out.actions, out.action_logits, actions, "action_ce")
+        mse = float(F.mse_loss(out.actions.detach().float(), actions))
+        return loss, {"action_mse": mse, **({} if out.action_logits is None else parts)}
 
 
 def teacher_fn_per_worker(loop_config: dict[str, Any]) -> None:
@@ -92,9 +98,9 @@ def teacher_fn_per_worker(loop_config: dict[str, Any]) -> None:
         b = to_model_batch(batch, normalizer, job.image_shape)
         images = random_shift(b["images"], job.train.augment_shift)  # run_steps seeds it per rank and micro-batch
         images, proprio = images.to(device, dtype), b["proprio"].to(device, dtype)
-        loss = engine(images, b["instructions"], proprio, b["actions"].to(device))
-        # float() of a grad tensor: a UserWarning a step. placement: GPU runs only (bench/gpu_check.py reads it).
-        return loss, {"action_mse": float(loss.detach()), **placement(engine, device, images, proprio)}
+        loss, parts = engine(images, b["instructions"], proprio, b["actions"].to(device))
+        # placement: GPU runs only (bench/gpu_check.py reads it).
+        return loss, {**parts, **placement(engine, device, images, proprio)}
 
     def state() -> dict[str, torch.Tensor]:
         return full_state_dict(engine, "vla.")
@@ -122,7 +128,8 @@ def fit_teacher(cfg: PipelineConfig, tracking: Tracking, run: TrainRun) -> Teach
     card = PolicyCard.for_teacher(manifest, cfg.digest())
     model = _anchored(cfg.model)
     job = TeacherJob(model=model, train=cfg.teacher,
-                     vla=teacher_config(model, manifest.image_shape, manifest.proprio_dim, manifest.action_dim),
+                     vla=teacher_config(model, manifest.image_shape, manifest.proprio_dim, manifest.action_dim,
+                                        manifest.action_stats),
                      image_shape=tuple(manifest.image_shape), card=card, tracking=tracking, seed=cfg.run.seed,
                      ledger_dir=run.ledger_dir if cfg.teacher.ledger else None)
     metrics, checkpoint = fit(teacher_fn_per_worker, job, {"train": data}, cfg.teacher, run, local=is_local(cfg),

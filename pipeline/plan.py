@@ -103,8 +103,9 @@ def _sizing_stats(action_dim: int) -> Stats:
     return Stats(mean=[0.0] * action_dim, std=[1.0] * action_dim, q01=[-1.0] * action_dim, q99=[1.0] * action_dim)
 
 
-def _count(module: nn.Module) -> float:
-    return float(sum(p.numel() for p in module.parameters()))
+def _count(module: nn.Module, trainable: bool | None = None) -> float:
+    """Parameters of `module`; trainable True/False: only those the optimizer updates / only frozen ones."""
+    return float(sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable))
 
 
 def _probes(vla: VLAConfig, model: ModelSection) -> ProbeSet:
@@ -132,6 +133,7 @@ class Params:
     probes: float
     trained: float          # what the optimizer updates: student + probes (distill) or the teacher
     frozen: float           # frozen copies held by an online-teacher distillation: teacher + its probes
+    held: float             # frozen parts of the trained model (a VLM's vision tower + projector): weights only
     largest_layer: int
     # The teacher's parts (decoder above): a VLM's vision tower (our stem otherwise) and projector; proprio + head.
     vision_tower: float = 0.0
@@ -149,7 +151,8 @@ def count_params(vla: VLAConfig, model: ModelSection, router_hidden: int, job: J
         trained_module: nn.Module = DistillModule(VLA(student_cfg), probes) if job == "distill" else VLA(vla)
     probe_count = _count(probes)
     return Params(teacher=teacher, decoder=sized["params_backbone"], router=sized["params_router"],
-                  probes=probe_count, trained=_count(trained_module), frozen=teacher + probe_count,
+                  probes=probe_count, trained=_count(trained_module, True), frozen=teacher + probe_count,
+                  held=_count(trained_module, False),
                   largest_layer=largest_layer_params(trained_module), vision_tower=sized["params_vision_tower"],
                   projector=sized["params_projector"], head=sized["params_head"])
 
@@ -321,10 +324,11 @@ def state_memory(option: Option, params: Params, cluster: Cluster, ds_config: di
     p, n = params.trained, cluster.gpus
     shards = n if option.stage == 3 else 1
     frozen = 2 * params.frozen if online else 0.0
-    weights = 0.0 if option.offload_params else 2 * p / shards
+    weights = 0.0 if option.offload_params else 2 * (p + params.held) / shards
     gradients = 0.0 if option.offload_optimizer else 2 * p / n   # offload copies reduced grads to the host
     fp32 = 0.0 if option.offload_optimizer else 4 * p / n
-    host = (16 * p if option.offload_optimizer else 0.0) + ((2 * p + frozen) if option.offload_params else 0.0)
+    host = (16 * p if option.offload_optimizer else 0.0) + ((2 * (p + params.held) + frozen)
+                                                            if option.offload_params else 0.0)
     ds_gpu, ds_cpu = deepspeed_estimate(option, params, cluster)
     return StateMemory(weights=weights, gradients=gradients, master=fp32, fp32_grads=fp32, adam=2 * fp32,
                        buffers=zero_buffers(option, ds_config, params.largest_layer),
@@ -518,7 +522,7 @@ def cpu_worker_bytes(params: Params, train: TrainSection, online: bool, activati
     p = params.trained
     weights_shards = n if stage == 3 else 1
     terms = {"baseline": WORKER_BASELINE,
-             "weights": w * p / weights_shards,
+             "weights": w * (p + params.held) / weights_shards,
              "master": 0.0 if w == 4 else 4 * p / (n if stage else 1),
              "gradients": w * p / (n if stage >= 2 else 1),
              "adam": 8 * p / (n if stage else 1),
@@ -596,6 +600,9 @@ def _render_params(plan: Plan) -> list[str]:
         rows += [("student = teacher + router", _m(p.teacher + p.router), f"(router {_m(p.router)})"),
                  ("probes, training only", _m(p.probes), f"({v.num_layers} layers x graph width {plan.graph_width})")]
     rows.append(("trained by this job", _m(p.trained), f"(largest layer {_m(p.largest_layer)})"))
+    if p.held:
+        rows.append(("frozen in the trained model", _m(p.held), "(vision tower + projector: weights only, "
+                                                                 "model.train_vision=false)"))
     return _rows("parameters", rows)
 
 
@@ -693,11 +700,12 @@ def _render_other_mode(plan: Plan) -> list[str]:
 
 
 def _render_tokens(v: VLAConfig) -> str:
+    queries = 1 + v.action_queries   # proprio + the action query (a tokens head: one per action dimension)
     if v.vlm is None:
         return (f"tokens per sample: {v.num_patches} patches ({v.image_size}px / {v.patch_size}) + "
-                f"{v.max_instruction_tokens} instruction + 2 = {v.seq_len}")
+                f"{v.max_instruction_tokens} instruction + {queries} = {v.seq_len}")
     return (f"tokens per sample: {v.num_patches} image tokens ({v.vlm.family}, {v.image_size}px / {v.patch_size}) + "
-            f"{v.vlm.prompt_tokens} prompt + {v.max_instruction_tokens} instruction + 2 = {v.seq_len}")
+            f"{v.vlm.prompt_tokens} prompt + {v.max_instruction_tokens} instruction + {queries} = {v.seq_len}")
 
 
 def render(plan: Plan, out: Path | None = None) -> str:

@@ -109,6 +109,31 @@ def test_the_plan_of_a_vlm_variant_prints_its_split(capsys, tmp_path):
     assert "vision tower 303.5 M, projector 21.0 M, decoder 6,607.6 M" in out
     assert "576 image tokens (llava, 336px / 14)" in out
     assert "(vision tower 0.382 TFLOPs, projector 0.024 TFLOPs" in out
+    # The frozen vision tower and projector hold weights only: no gradients, master copy or AdamW state.
+    assert "frozen in the trained model                324.5 M" in out
+
+
+@pytest.mark.parametrize("train_vision", [False, True])
+def test_the_plan_trains_a_vlms_vision_tower_only_with_train_vision(train_vision):
+    from pipeline import plan
+    from pipeline.config import load_config
+
+    cfg = load_config("infra/configs/cluster.yaml")
+    vla = vlm_variant_config("llava-7b", 12, 39, 4)
+    vla = vla.model_copy(update={"vlm": vla.vlm.model_copy(update={"train_vision": train_vision})})
+    params = plan.count_params(vla, cfg.model, cfg.router.hidden, "distill")
+    vision = params.vision_tower + params.projector
+    assert params.held == (0 if train_vision else vision)
+    assert params.trained + params.held == params.teacher + params.router + params.probes
+    option = plan.Option(name="ZeRO-3", stage=3)
+    from pipeline.train.engine import deepspeed_config
+
+    ds_config = deepspeed_config(cfg.distill.train.model_copy(update={"zero_stage": 3}), "cuda", vla.hidden_size)
+    states = plan.state_memory(option, params, plan.Cluster(gpus=8, gpu_memory_gib=80, gpus_per_node=8), ds_config,
+                               online=False)
+    # weights: every parameter in bf16, sharded 8 ways; the optimizer's fp32 state: the trained ones only
+    assert states.weights == pytest.approx(2 * (params.trained + params.held) / 8)
+    assert states.adam == pytest.approx(8 * params.trained / 8)
 
 
 def test_a_report_of_a_vlm_policy_carries_its_flops_by_part(teachers):

@@ -103,3 +103,58 @@ def test_zero3_builds_the_objective_partitioned_and_exports_on_rank0_only(tmp_pa
     assert set(student) == set(want) | {k for k in student if k.startswith("router.")}
     assert all(torch.equal(student[k], v) for k, v in want.items()), "the student is not the teacher's weights"
     assert set(online_teacher) == set(want) and all(torch.equal(online_teacher[k], v) for k, v in want.items())
+
+
+def _vlm_rank(rank: int, port: int, folder: str, out: str) -> None:
+    """One DeepSpeed rank of train-teacher's build for a VLM teacher with a tokens head, then its export."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    from pipeline.config import ModelSection
+    from pipeline.data.manifest import Stats
+    from pipeline.models.tiny_vlm import DEFAULT_IMAGE_SIZE
+    from pipeline.models.vla import teacher_config
+    from pipeline.models.vlm_backbone import load_vlm_weights
+    from pipeline.train.engine import building, close_engine, full_state_dict, init_worker, make_engine
+
+    train = load_config(None, ["teacher.zero_stage=3", "teacher.precision=bf16"]).teacher
+    stats = Stats(mean=[0.0] * 4, std=[1.0] * 4, q01=[-1.0] * 4, q99=[1.0] * 4)
+    model = ModelSection(pretrained_vlm=folder, action_head="tokens", action_bins=16)
+    vla_cfg = teacher_config(model, [DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE, 3], 4, 4, stats)
+    device = torch.device("cpu")
+    init_worker(device)
+    with building(train, device, vla_cfg.hidden_size):
+        vla = VLA(vla_cfg)
+    load_vlm_weights(vla, folder)
+    report = {"whole_tensors": sum(p.numel() for p in vla.parameters()),
+              "vision_frozen": not any(p.requires_grad for p in vla.vision.parameters()),
+              "library_names": vla.library_names}
+    engine, _ = make_engine(vla, train, device=device, hidden_size=vla_cfg.hidden_size)
+    report["state"] = full_state_dict(engine, "")
+    torch.save(report, f"{out}.{rank}")
+    close_engine(engine)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_zero3_builds_a_vlm_teacher_partitioned_from_its_folder(tmp_path):
+    """A tiny LLaVA with a tokens head under ZeRO-3: built split over 2 ranks (the library's in-constructor init
+    deferred), every weight streamed in from the folder, and gathered on rank 0 equal to the folder's, the
+    tokens head equal to its LM head's last rows."""
+    from pipeline.models.tiny_vlm import build_tiny_vlm
+    from pipeline.models.vlm_backbone import library_key
+
+    folder = build_tiny_vlm(tmp_path / "llava", "llava")
+    mp.spawn(_vlm_rank, args=(_free_port(), str(folder), str(tmp_path / "report")), nprocs=2)
+
+    ranks = [torch.load(tmp_path / f"report.{r}", weights_only=True) for r in range(2)]
+    assert all(r["whole_tensors"] == 0 and r["vision_frozen"] for r in ranks)
+    assert ranks[1]["state"] == {}
+    state, ours = ranks[0]["state"], ranks[0]["library_names"]
+    spec = type("Spec", (), {"family": "llava"})()
+    folder_tensors = {library_key(spec, k): v for k, v in load_file(folder / "model.safetensors").items()}
+    for library, name in ours.items():
+        assert torch.equal(state[name], folder_tensors[library].to(torch.bfloat16)), name
+    lm_head = folder_tensors["lm_head.weight"]
+    assert torch.equal(state["action_head.proj.weight"], lm_head[-16:].flip(0).to(torch.bfloat16))

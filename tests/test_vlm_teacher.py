@@ -171,50 +171,78 @@ def test_a_bad_folder_fails_before_any_ray_work(folders, tmp_path):
                              [f"model.pretrained_vlm={folders['idefics3']}"]), "run")
 
 
-@pytest.mark.slow
-def test_a_vlm_teacher_runs_through_probe_distill_and_evaluate_without_its_folder(tmp_path):
-    """The real jobs (Ray Train + DeepSpeed, Ray Data, Meta-World) on a tiny LLaVA at 32 px: train-teacher reads
-    the folder; probe-teacher, distill and evaluate run after it is deleted. The frozen vision tower leaves
-    training exactly as the folder had it."""
+@pytest.fixture(scope="module")
+def episode_shards(tmp_path_factory):
+    """Meta-World expert episodes at 32 px, shared by the end-to-end runs; the Ray instance they start is shut
+    down after the last one (one instance for all of them: a start costs seconds on 2 cores)."""
     import ray
+
+    from pipeline.data.shards import write_shards
+    from pipeline.sim.metaworld_env import run_expert_episode
+
+    shards = tmp_path_factory.mktemp("vlm-shards")
+    write_shards([run_expert_episode(task, seed, 32, "corner", 25) for task in ("reach-v3", "push-v3")
+                  for seed in (0, 1)], str(shards), rows_per_shard=50)
+    yield shards
+    ray.shutdown()
+
+
+def _folder_tensor(spec, folder_tensors, library_name):
+    """The folder's tensor that the library (and so our VLA) calls library_name, whatever the folder's layout."""
+    from pipeline.models.vlm_backbone import library_key
+
+    (tensor,) = [t for k, t in folder_tensors.items() if library_key(spec, k) == library_name]
+    return tensor
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, head", [("llava", "regression"), ("paligemma", "tokens"),
+                                          ("idefics3", "regression")])
+def test_a_vlm_teacher_runs_through_probe_distill_and_evaluate_without_its_folder(episode_shards, tmp_path,
+                                                                                 family, head):
+    """The real jobs (Ray Train + DeepSpeed, Ray Data, Meta-World) on a tiny VLM of each family at 32 px:
+    train-teacher reads the folder; probe-teacher, distill and evaluate run after it is deleted. The frozen vision
+    tower leaves training exactly as the folder had it. PaliGemma runs with the tokens action head: its student is
+    a tokens policy too, and the clipped action values reach MLflow."""
+    from mlflow import MlflowClient
 
     from jobs import distill as distill_job
     from jobs import evaluate as evaluate_job
     from jobs import probe_teacher as probe_teacher_job
     from jobs import train_teacher as train_teacher_job
-    from pipeline.data.shards import write_shards
-    from pipeline.sim.metaworld_env import run_expert_episode
 
-    shards = tmp_path / "shards"
-    write_shards([run_expert_episode(task, seed, 32, "corner", 25) for task in ("reach-v3", "push-v3")
-                  for seed in (0, 1)], str(shards), rows_per_shard=50)
-    folder = build_tiny_vlm(tmp_path / "tiny-llava", "llava", image_size=32)
+    folder = build_tiny_vlm(tmp_path / f"tiny-{family}", family, image_size=32)
     start = load_file(folder / "model.safetensors")
     run_dir = tmp_path / "run"
-    overrides = [f"run.run_dir={run_dir}", f"data.shards_uri={shards}", f"model.pretrained_vlm={folder}",
+    overrides = [f"run.run_dir={run_dir}", f"data.shards_uri={episode_shards}", f"model.pretrained_vlm={folder}",
+                 f"model.action_head={head}", "model.action_bins=16",   # at most the tiny vocabulary
                  "data.val_fraction=0.25", "collect.image_size=32", "teacher.steps=4", "teacher.warmup_steps=0",
-                 "teacher.batch_size=8", "probe.steps=4", "probe.batch_size=8", "distill.train.steps=4",
-                 "distill.train.warmup_steps=0", "distill.train.batch_size=8", "distill.eval_every=2",
-                 "evaluate.episodes_per_task=1", "evaluate.max_steps=10", "evaluate.latency_calls=3",
-                 "evaluate.num_workers=1", "evaluate.envs_per_worker=2",
+                 "teacher.batch_size=8", "teacher.log_every=2", "probe.steps=4", "probe.batch_size=8",
+                 "distill.train.steps=4", "distill.train.warmup_steps=0", "distill.train.batch_size=8",
+                 "distill.eval_every=2", "evaluate.episodes_per_task=1", "evaluate.max_steps=10",
+                 "evaluate.latency_calls=3", "evaluate.num_workers=1", "evaluate.envs_per_worker=2",
                  "teacher.num_workers=1", "distill.train.num_workers=1"]   # 2 small cores: one worker each
     cfg = load_config(REPO / "jobs" / "configs" / "vlm-smoke.yaml", overrides)
-    # In this process, one Ray instance for the four jobs (a subprocess per job cost ~20 s of start-up each).
-    try:
-        for job in (train_teacher_job, probe_teacher_job, distill_job, evaluate_job):
-            job.main(cfg)
-            if job is train_teacher_job:
-                shutil.rmtree(folder)
-    finally:
-        ray.shutdown()
+    # In this process, on one Ray instance (a subprocess per job cost ~20 s of start-up each).
+    for job in (train_teacher_job, probe_teacher_job, distill_job, evaluate_job):
+        job.main(cfg)
+        if job is train_teacher_job:
+            shutil.rmtree(folder)
     teacher, _ = load_policy(str(run_dir / "teacher"))
-    assert teacher.cfg.vlm.family == "llava" and teacher.cfg.vlm.num_image_tokens == 16
-    ours = teacher.state_dict()
-    patch = "model.vision_tower.embeddings.patch_embedding.weight"
-    assert torch.equal(ours[teacher.library_names[patch]], start[patch.removeprefix("model.")])   # frozen
-    layer = "model.language_model.layers.1.mlp.down_proj.weight"
-    assert not torch.equal(ours[teacher.library_names[layer]], start["language_model.model.layers.1.mlp.down_proj.weight"])
+    spec = teacher.cfg.vlm
+    assert spec.family == family and teacher.cfg.action_head == head
+    ours = {library: teacher.state_dict()[name] for library, name in teacher.library_names.items()}
+    (patch,) = [k for k in ours if k.endswith("embeddings.patch_embedding.weight")]
+    assert torch.equal(ours[patch], _folder_tensor(spec, start, patch))   # frozen
+    (layer,) = [k for k in ours if k.endswith("layers.1.mlp.down_proj.weight")]   # the decoder's (SigLIP: fc1/fc2)
+    assert not torch.equal(ours[layer], _folder_tensor(spec, start, layer))   # trained
     student, _ = load_policy(str(run_dir / "student"))
-    assert student.cfg.vlm == teacher.cfg.vlm and student.router is not None
+    assert student.cfg.vlm == spec and student.router is not None and student.cfg.action_head == head
     report = json.loads((run_dir / "evaluate" / "report.json").read_text())
     assert {"teacher", "student"} <= set(report["policies"])
+    if head == "tokens":
+        client = MlflowClient(cfg.tracking_uri)
+        runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+        (train,) = [r for r in runs if r.data.tags.get("stage") == "train-teacher"]
+        clipped = client.get_metric_history(train.info.run_id, "train/clipped_action_values")
+        assert len(clipped) == 2 and all(m.value >= 0 for m in clipped)

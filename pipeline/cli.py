@@ -78,14 +78,20 @@ def check_inputs(cfg: PipelineConfig, verb: str) -> None:
 
 
 def _check_vlm_folder(cfg: PipelineConfig, collecting: bool) -> None:
-    """model.pretrained_vlm is a folder of a supported family (the message lists them) and, when this run collects
-    the shards, its processor takes frames of collect.image_size."""
-    from pipeline.models.vlm_backbone import read_vlm_spec
+    """model.pretrained_vlm is a folder of a supported family (the message lists them), its vocabulary holds a tokens
+    head's bins and, when this run collects the shards, its processor takes frames of collect.image_size."""
+    from pipeline.models.vlm_backbone import read_vlm_spec, vlm_dims
     from pipeline.models.vlm_import import check_image_compatibility, read_vlm_config
 
     uri = cfg.model.pretrained_vlm
     try:
         read_vlm_config(uri)
+        if cfg.model.action_head == "tokens":
+            vocab = vlm_dims(read_vlm_spec(uri))["vocab_size"]
+            if vocab < cfg.model.action_bins:
+                raise ValueError(f"model.action_bins={cfg.model.action_bins} exceeds its vocabulary ({vocab} tokens): "
+                                 f"the bins start from its last action_bins token rows; set model.action_bins to at "
+                                 f"most {vocab}")
         if collecting:
             size = cfg.collect.image_size
             check_image_compatibility(read_vlm_spec(uri), (size, size, 3))

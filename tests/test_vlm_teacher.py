@@ -169,6 +169,11 @@ def test_a_bad_folder_fails_before_any_ray_work(folders, tmp_path):
         check_inputs(cfg, "run")
     check_inputs(load_config(REPO / "jobs" / "configs" / "smoke.yaml",
                              [f"model.pretrained_vlm={folders['idefics3']}"]), "run")
+    # A tokens head with more bins than the vocabulary has rows to start them from.
+    cfg = load_config(REPO / "jobs" / "configs" / "smoke.yaml", [f"model.pretrained_vlm={folders['llava']}",
+                                                                 "model.action_head=tokens"])
+    with pytest.raises(ConfigError, match=r"model.action_bins=256 exceeds its vocabulary \(36 tokens\).*at most 36"):
+        check_inputs(cfg, "train-teacher")
 
 
 @pytest.fixture(scope="module")

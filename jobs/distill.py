@@ -23,7 +23,7 @@ def main(cfg: PipelineConfig, student_uri: str | None = None, run_name: str = "d
     with stage_run(cfg, run_name, resume_run_id=ray_run.mlflow_run_id) as run:
         if not ray_run.resumed:
             record_run(ray_run, cfg, "distill", run.info.run_id)
-        result = fit_student(cfg, Tracking(cfg.tracking_uri, run.info.run_id),
+        result = fit_student(cfg, Tracking.of(cfg, run.info.run_id),
                              student_uri or str(RunPaths.of(cfg).student), ray_run)
         mlflow.log_metrics(result.metrics)
         mlflow.set_tags({"student_uri": result.student_uri, "teacher_hash": result.teacher_hash,

@@ -21,7 +21,7 @@ def main(cfg: PipelineConfig) -> TeacherResult:
     with stage_run(cfg, "train-teacher", resume_run_id=ray_run.mlflow_run_id) as run:
         if not ray_run.resumed:
             record_run(ray_run, cfg, "train-teacher", run.info.run_id)
-        result = fit_teacher(cfg, Tracking(cfg.tracking_uri, run.info.run_id), ray_run)
+        result = fit_teacher(cfg, Tracking.of(cfg, run.info.run_id), ray_run)
         mlflow.log_metrics({"final_action_mse": result.final_action_mse, "optimizer_steps": result.optimizer_steps,
                             "train_episodes": result.train_episodes})
         mlflow.set_tags({"teacher_uri": result.uri, "teacher_hash": result.teacher_hash,

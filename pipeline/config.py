@@ -240,6 +240,10 @@ class PromoteSection(_Section):
 class TrackingSection(_Section):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; null for sqlite in run_dir")
     experiment: str = Field("actdistill", min_length=1, description="MLflow experiment name")
+    outage_limit_s: float = Field(
+        300.0, gt=0, description="seconds training metrics may wait for an unreachable tracking server (they are "
+                                 "kept and sent when it is back); past this the stage fails after its last "
+                                 "checkpoint, naming the URI, and --resume continues it")
 
 
 class PipelineConfig(_Section):

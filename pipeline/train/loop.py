@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import ray.train
 import torch
-from mlflow.tracking import MlflowClient
 
-from pipeline.config import TrainSection
+from pipeline.config import PipelineConfig, TrainSection
 from pipeline.models.checkpoint import PolicyCard, save_state
 from pipeline.models.vla import VLAConfig
+from pipeline.tracking.metrics import MetricSender
 from pipeline.train.engine import TRAIN_DTYPES, close_engine
 
 # Inside every Ray checkpoint: DeepSpeed's resumable state (one shard per rank), the exported policy
@@ -35,20 +35,28 @@ class Tracking:
 
     uri: str
     run_id: str
+    outage_limit_s: float = 300.0   # tracking.outage_limit_s: how long metrics may wait for an unreachable server
+
+    @classmethod
+    def of(cls, cfg: PipelineConfig, run_id: str) -> Tracking:
+        return cls(cfg.tracking_uri, run_id, cfg.tracking.outage_limit_s)
 
 
 class MetricLog:
-    """Rank-0-only side effects sit behind this one flag."""
+    """Rank-0-only side effects sit behind this one flag. Metrics go through a background sender
+    (pipeline/tracking/metrics.py): a tracking outage neither stops nor slows the step loop, up to the limit."""
 
     def __init__(self, tracking: Tracking, enabled: bool) -> None:
-        self.client = MlflowClient(tracking.uri) if enabled else None
-        self.run_id = tracking.run_id
+        self.sender = MetricSender(tracking.uri, tracking.run_id, tracking.outage_limit_s) if enabled else None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.client is None:
-            return
-        for key, value in metrics.items():
-            self.client.log_metric(self.run_id, key, float(value), step=step)
+        if self.sender is not None:
+            self.sender.log(metrics, step)
+
+    def close(self) -> None:
+        """Deliver what waits (through an outage, up to its limit); the run's metrics are complete after this."""
+        if self.sender is not None:
+            self.sender.close()
 
 
 class Ledger:
@@ -234,7 +242,10 @@ def run_steps(engine: Any, train: TrainSection, seed: int, log: MetricLog, ledge
         # The final report carries the metric too: under Tune every result must have what ASHA ranks.
         metrics.update(eval_fn(step))
     _checkpoint(engine, step, export, metrics)
-    close_engine(engine)
+    try:
+        log.close()   # after the final checkpoint: a tracking outage past its limit fails the stage, no step lost
+    finally:
+        close_engine(engine)
 
 
 def _mean(history: list[dict[str, float]], prefix: str) -> dict[str, float]:

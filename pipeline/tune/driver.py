@@ -35,7 +35,7 @@ def trial_fn_per_trial(params: dict[str, Any], base: dict[str, Any], parent_run_
         mlflow.log_params(params)
         # TuneReportCallback forwards the workers' val_action_mse reports to Tune, where ASHA may stop
         # this trial between them (the fit is then interrupted and the trial has no evaluation).
-        result = fit_student(cfg, Tracking(cfg.tracking_uri, run.info.run_id), str(folder / "student"),
+        result = fit_student(cfg, Tracking.of(cfg, run.info.run_id), str(folder / "student"),
                              TrainRun(name=f"{cfg.run.name}-{trial}", storage_path=(folder / "ray").resolve(),
                                       resumed=False),
                              reserved=TRIAL_RESOURCES["CPU"], callbacks=[TuneReportCallback()])

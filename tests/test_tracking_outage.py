@@ -1,0 +1,194 @@
+"""The MLflow tracking server goes away: training neither dies nor waits on it, the metrics logged meanwhile reach
+the server once it is back (none lost), and a server that stays away past tracking.outage_limit_s fails the stage
+with a message naming the tracking URI. A real `mlflow server` on 127.0.0.1, stopped and restarted on its port."""
+
+import json
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+
+from jobs import distill as distill_job
+from pipeline.config import load_config
+from pipeline.data.shards import write_shards
+from pipeline.infra.stack import _wait_http, free_port, start_mlflow, stop_group
+from pipeline.models.checkpoint import PolicyCard, save_policy, save_probes
+from pipeline.models.vla import VLA, teacher_config
+from pipeline.ray_runtime import start_ray
+from pipeline.sim.metaworld_env import run_expert_episode
+from pipeline.stages import RunPaths
+from pipeline.teacher.probing import new_probes
+from pipeline.tracking.metrics import MetricSender, TrackingOutage
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "jobs" / "configs" / "smoke.yaml"
+# Tiny: the outage must fall inside training, and each fit costs ~10 s of Ray start-up.
+TINY = ["collect.image_size=32", "model.patch_size=8", "model.hidden_size=32", "model.num_layers=2",
+        "model.intermediate_size=64", "model.graph_width=16", "model.semantic_dim=16", "data.val_fraction=0",
+        "run.ray_num_cpus=4"]
+
+
+class Server:
+    """One `mlflow server` (sqlite + local artifacts) that can be stopped and started again on the same port."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port, self.id = folder, free_port(), uuid.uuid4().hex[:8]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc, state = start_mlflow(self.folder, f"outage-{self.id}", self.port)
+        _wait_http("mlflow", f"{self.url}/health", Path(state["log"]), self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_group(self.proc)
+            self.proc = None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    server = Server(tmp_path / "mlflow")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_metrics_wait_out_an_outage_and_a_longer_one_is_named(mlflow_server):
+    client = MlflowClient(mlflow_server.url)
+    run_id = client.create_run(client.create_experiment("sender")).info.run_id
+    sender = MetricSender(mlflow_server.url, run_id, outage_limit_s=30, retry_s=0.5)
+    sender.log({"loss": 1.0}, 1)
+    mlflow_server.stop()
+    started = time.monotonic()
+    for step in range(2, 6):
+        sender.log({"loss": float(step)}, step)   # queued: never waits for the server
+    queued_in = time.monotonic() - started
+    time.sleep(3)
+    assert sender.failed_attempts >= 1
+    mlflow_server.start()
+    sender.close()
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(1, 6)]
+    assert queued_in < 1.0   # MLflow's own retries would have held each call for minutes
+
+    # Away past the limit: the next log names the server, the limit and what is unsent; credentials are kept out.
+    secret = "user:s3cr3t-token@"
+    sender = MetricSender(mlflow_server.url.replace("://", f"://{secret}"), run_id, outage_limit_s=2, retry_s=0.5)
+    mlflow_server.stop()
+    sender.log({"loss": 9.0}, 9)
+    time.sleep(2.5)
+    with pytest.raises(TrackingOutage) as err:
+        sender.log({"loss": 10.0}, 10)
+    message = str(err.value)
+    assert mlflow_server.url in message and "tracking.outage_limit_s=2" in message and "--resume" in message
+    assert "s3cr3t" not in message
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    write_shards([run_expert_episode(task, seed, 32, "corner", 40) for task in ("reach-v3", "push-v3")
+                  for seed in (0, 1)], str(folder), rows_per_shard=60)
+    yield str(folder)
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _in_thread(fn):
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, outcome
+
+
+def _teacher_and_probes(cfg):
+    """A random teacher and its probes (online distillation reads no labels): the training plane is under test."""
+    torch.manual_seed(0)
+    teacher = VLA(teacher_config(cfg.model, [32, 32, 3], 4, 4))
+    stats = {"action_mean": [0.0] * 4, "action_std": [1.0] * 4, "proprio_mean": [0.0] * 4, "proprio_std": [1.0] * 4}
+    digest = save_policy(teacher, str(RunPaths.of(cfg).teacher), PolicyCard(normalizer=stats))
+    save_probes(new_probes(teacher, cfg.model), str(RunPaths.of(cfg).probes), {"teacher_hash": digest})
+
+
+def _distill_config(tmp_path, shards, server, steps, extra=()):
+    overrides = TINY + [f"run.run_dir={tmp_path / 'run'}", f"data.shards_uri={shards}",
+                        f"tracking.tracking_uri={server.url}", "distill.teacher_mode=online", "distill.eval_every=0",
+                        f"distill.train.steps={steps}", "distill.train.batch_size=8", "distill.train.log_every=1",
+                        "distill.train.checkpoint_every=20", "distill.train.ledger=true", "distill.train.num_workers=1",
+                        *extra]
+    cfg = load_config(SMOKE, overrides)
+    _teacher_and_probes(cfg)
+    return cfg
+
+
+def _ledger_steps(run_dir):
+    lines = [line for p in (Path(run_dir) / "ray").glob("*/ledger/rank0.jsonl") for line in p.read_text().splitlines()]
+    return [json.loads(line)["step"] for line in lines if line.endswith("}")]
+
+
+def _wait_for_step(run_dir, step, thread, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and thread.is_alive():
+        if len(_ledger_steps(run_dir)) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the distill never reached step {step}")
+
+
+def _distill_run(cfg):
+    client = MlflowClient(cfg.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    (run,) = [r for r in runs if r.data.tags.get("stage") == "distill"]
+    return client, run
+
+
+def test_a_60s_tracking_outage_during_distill_blocks_no_step_and_loses_no_metric(shards, tmp_path, mlflow_server):
+    steps = 120
+    cfg = _distill_config(tmp_path, shards, mlflow_server, steps)
+    start_ray(cfg)   # in the main thread: Ray's head processes die with the thread that started them
+    thread, outcome = _in_thread(lambda: distill_job.main(cfg))
+    _wait_for_step(tmp_path / "run", 3, thread)
+    mlflow_server.stop()
+    at_stop = len(_ledger_steps(tmp_path / "run"))
+    time.sleep(60)
+    during = len(_ledger_steps(tmp_path / "run")) - at_stop
+    mlflow_server.start()
+    thread.join(timeout=900)
+    assert "error" not in outcome, outcome.get("error")
+    assert during > 0 or at_stop == steps   # training went on while the server was away (or had finished)
+    client, run = _distill_run(cfg)
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "train/total")
+    assert sorted(m.step for m in history) == list(range(1, steps + 1))   # every step's metrics, each once
+
+
+def test_a_tracking_server_away_past_the_limit_fails_the_stage_naming_it(shards, tmp_path, mlflow_server,
+                                                                        monkeypatch):
+    # The driver marks its run FAILED through MLflow's own client: without retries it gives up at once.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cfg = _distill_config(tmp_path, shards, mlflow_server, 2000, ["tracking.outage_limit_s=10"])
+    start_ray(cfg)
+    thread, outcome = _in_thread(lambda: distill_job.main(cfg))
+    _wait_for_step(tmp_path / "run", 3, thread)
+    mlflow_server.stop()
+    thread.join(timeout=600)
+    error = str(outcome.get("error"))
+    assert f"the MLflow tracking server {mlflow_server.url} has taken no metrics" in error, error
+    assert "tracking.outage_limit_s=10" in error and "--resume" in error
+    assert max(_ledger_steps(tmp_path / "run")) < 2000   # it stopped: it did not train on blind to the end

@@ -16,7 +16,7 @@ from pipeline.evaluate.suite import evaluate_policies
 from pipeline.models.checkpoint import read_policy_config
 from pipeline.ray_runtime import start_ray
 from pipeline.stages import RunPaths, stage
-from pipeline.tracking.registry import Gate, Registration, find_version, ranked_passing, register_student, set_aliases
+from pipeline.tracking.registry import Gate, Registration, find_or_register, ranked_passing, set_aliases
 from pipeline.tracking.runs import stage_run
 from pipeline.tune.trials import SweepSummary, TrialResult
 
@@ -123,11 +123,7 @@ def main(cfg: PipelineConfig) -> Registration | None:
                         "episodes); nothing registered", teacher_success, gate.success_delta, gate.compute_budget)
             return None
         tags = evidence(best, teacher_success, teacher.per_task)
-        version = find_version(mlflow.MlflowClient(), cfg.promote.model_name, tags["student_hash"])
-        if version is None:
-            version = register_student(cfg.promote.model_name, best, tags)
-        else:
-            log.info("these weights are already version %s; not registering again", version.version)
+        version = find_or_register(cfg.promote.model_name, best, tags, cfg.tracking.outage_limit_s)
         registered = set_aliases(cfg.promote.model_name, version)
         mlflow.set_tags({"model_name": registered.name, "model_version": registered.version,
                          "challenger": registered.challenger, "champion": registered.champion})

@@ -192,3 +192,49 @@ def test_a_tracking_server_away_past_the_limit_fails_the_stage_naming_it(shards,
     assert f"the MLflow tracking server {mlflow_server.url} has taken no metrics" in error, error
     assert "tracking.outage_limit_s=10" in error and "--resume" in error
     assert max(_ledger_steps(tmp_path / "run")) < 2000   # it stopped: it did not train on blind to the end
+
+
+def test_promote_registers_through_an_outage_once_with_every_tag(tmp_path, mlflow_server, monkeypatch):
+    import mlflow
+
+    from pipeline.models.checkpoint import read_policy_config
+    from pipeline.models.student import derive_student
+    from pipeline.tracking.registry import find_or_register
+    from pipeline.tune.trials import TrialResult
+
+    # MLflow's own per-request retries off, so that our retry loop is what carries the registration through.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cfg = load_config(SMOKE, TINY + [f"run.run_dir={tmp_path / 'run'}"])
+    torch.manual_seed(0)
+    student = derive_student(VLA(teacher_config(cfg.model, [32, 32, 3], 4, 4)), 8)
+    stats = {"action_mean": [0.0] * 4, "action_std": [1.0] * 4, "proprio_mean": [0.0] * 4, "proprio_std": [1.0] * 4}
+    uri = str(tmp_path / "student")
+    save_policy(student, uri, PolicyCard(normalizer=stats))
+    candidate = TrialResult(trial="t0", params={}, student_uri=uri, success=0.9, compute_ratio=0.5,
+                            action_mse_norm=0.1)
+    evidence = {"student_hash": read_policy_config(uri).hash, "success": "0.9", "compute_ratio": "0.5",
+                "action_mse_norm": "0.1"}
+    # This process's MLflow URIs (module globals and the env vars MLflow mirrors them in) are restored after the test.
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    monkeypatch.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    mlflow.set_tracking_uri(mlflow_server.url)
+    mlflow.set_registry_uri(mlflow_server.url)
+    mlflow.set_experiment("promote-outage")
+    with mlflow.start_run():
+        mlflow_server.stop()
+        back = threading.Timer(20, mlflow_server.start)
+        back.start()
+        version = find_or_register("outage-model", candidate, evidence, limit_s=300, retry_s=1)
+        back.join()
+        again = find_or_register("outage-model", candidate, evidence, limit_s=300, retry_s=1)
+    client = MlflowClient(mlflow_server.url, registry_uri=mlflow_server.url)
+    (only,) = client.search_model_versions("name='outage-model'")   # one version, registered once
+    assert again.version == version.version == only.version
+    assert {k: only.tags[k] for k in evidence} == evidence          # born with its evidence
+
+    mlflow_server.stop()
+    with pytest.raises(RuntimeError, match=rf"could not register outage-model at the MLflow tracking server "
+                                           rf"{mlflow_server.url} .*outage_limit_s=3.*nothing was half registered"):
+        find_or_register("outage-model", candidate, evidence, limit_s=3, retry_s=1)

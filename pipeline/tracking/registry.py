@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.models.checkpoint import read_policy_config
+from pipeline.tracking.metrics import redacted
 from pipeline.tracking.pyfunc import POLICY_ARTIFACT, input_example, policy_signature
 from pipeline.tune.trials import TrialResult
 
@@ -63,11 +65,14 @@ def _alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
         return None
 
 
-def find_version(client: MlflowClient, name: str, student_hash: str) -> Any | None:
-    """The version already registered for these exact weights, if any (promote is idempotent)."""
+def find_version(client: MlflowClient, name: str, student_hash: str, strict: bool = False) -> Any | None:
+    """The version already registered for these exact weights, if any (promote is idempotent). strict: a
+    failed search raises instead of reading as "none" (an unreachable server must not cause a second version)."""
     try:
         versions = client.search_model_versions(f"name='{name}'")
     except MlflowException:
+        if strict:
+            raise
         return None
     for v in versions:
         if v.tags.get("student_hash") == student_hash:
@@ -76,7 +81,9 @@ def find_version(client: MlflowClient, name: str, student_hash: str) -> Any | No
 
 
 def register_student(name: str, candidate: TrialResult, evidence: dict[str, str]) -> Any:
-    """Log the student as a pyfunc in the active run, register it, and tag the version with its evidence."""
+    """Log the student as a pyfunc in the active run and register it, the version created with its evidence tags
+    in one request: no version ever exists without them (find_version, and so promote's idempotency, reads the
+    student_hash tag)."""
     # Models-from-code: MLflow stores the entry file, not a cloudpickled object. The signature and example
     # show the MLflow UI and `mlflow models serve` users what to send (MLflow also runs the example once).
     card = read_policy_config(candidate.student_uri)
@@ -84,11 +91,34 @@ def register_student(name: str, candidate: TrialResult, evidence: dict[str, str]
                                    artifacts={POLICY_ARTIFACT: candidate.student_uri},
                                    signature=policy_signature(card), input_example=input_example(card),
                                    pip_requirements=["actdistill"])
-    version = mlflow.register_model(info.model_uri, name)
-    client = MlflowClient()
-    for key, value in evidence.items():
-        client.set_model_version_tag(name, version.version, key, str(value))
-    return client.get_model_version(name, version.version)
+    version = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in evidence.items()})
+    return MlflowClient().get_model_version(name, version.version)
+
+
+def find_or_register(name: str, candidate: TrialResult, evidence: dict[str, str], limit_s: float,
+                     retry_s: float = 5.0) -> Any:
+    """The version of these weights: found, or registered. Each MLflow request already retries with backoff; a
+    step that still fails (the tracking server away) is tried again, looking for the version first, since a
+    request may have reached the server before the connection dropped. Past `limit_s` (tracking.outage_limit_s)
+    the error names the tracking URI."""
+    started = time.monotonic()
+    while True:
+        try:
+            found = find_version(MlflowClient(), name, evidence["student_hash"], strict=True)
+            if found is not None:
+                log.info("these weights are already version %s; not registering again", found.version)
+                return found
+            return register_student(name, candidate, evidence)
+        except MlflowException as exc:
+            waited = time.monotonic() - started
+            uri = mlflow.get_tracking_uri()
+            if waited > limit_s:
+                raise RuntimeError(f"could not register {name} at the MLflow tracking server {redacted(uri, uri)} "
+                                   f"for {waited:.0f} s (tracking.outage_limit_s={limit_s:g}): "
+                                   f"{redacted(str(exc)[:300], uri)}; nothing was half registered, run promote "
+                                   f"again once the server answers") from exc
+            log.warning("registering %s failed (%s); trying again in %.0f s", name, type(exc).__name__, retry_s)
+            time.sleep(retry_s)
 
 
 def beats(challenger: Any, champion: Any | None) -> bool:

@@ -146,12 +146,32 @@ def fit(train_fn: Callable[[dict[str, Any]], None], job: Any, datasets: dict[str
     except ray.train.TrainingFailedError as exc:   # Ray 2.60 raises where older releases returned it
         error = exc
     _remove_unregistered_checkpoints(run)
+    if error is not None and _out_of_space(error):
+        step = registered_step(run)
+        kept = f"its last registered checkpoint (step {step}) is intact" if step else "no checkpoint was registered"
+        raise RuntimeError(f"training run {run.name} failed: its run folder {run.storage_path} is out of space "
+                           f"(No space left on device) while writing a checkpoint; {kept}. Free space there, then "
+                           f"continue it with --resume {run.name}\n{error}") from error
     if error is not None:
         raise RuntimeError(f"training run {run.name} failed: {error}\nafter fixing the cause, continue it "
                            f"with --resume {run.name}") from error
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run.name} reported no checkpoint; see the worker logs above")
     return dict(result.metrics or {}), result.checkpoint
+
+
+def _out_of_space(error: BaseException) -> bool:
+    # A worker's error reaches the driver as text (Ray's WorkerGroupError), so look for ENOSPC's message.
+    return "No space left on device" in str(error) or "[Errno 28]" in str(error)
+
+
+def registered_step(run: TrainRun) -> int:
+    """The optimizer step of the run's latest checkpoint that Ray registered (0: none)."""
+    try:
+        latest = json.loads((run.folder / RAY_SNAPSHOT).read_text()).get("latest_checkpoint_result") or {}
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    return int(latest.get("metrics", {}).get("step", 0))
 
 
 def _remove_unregistered_checkpoints(run: TrainRun) -> None:

@@ -1,0 +1,136 @@
+"""The run folder fills up while a checkpoint is written: the stage fails naming the folder, the last registered
+checkpoint stays usable, and --resume continues once space is freed, with no optimizer step lost or repeated.
+The run folder is a small tmpfs mounted for the test (it needs the right to mount, as root in a container has)."""
+
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from jobs import distill as distill_job
+from pipeline.cli import run_cli
+from pipeline.config import load_config
+from pipeline.data.shards import write_shards
+from pipeline.models.checkpoint import PolicyCard, save_policy, save_probes
+from pipeline.models.vla import VLA, teacher_config
+from pipeline.ray_runtime import start_ray
+from pipeline.sim.metaworld_env import run_expert_episode
+from pipeline.stages import RunPaths
+from pipeline.teacher.probing import new_probes
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "jobs" / "configs" / "smoke.yaml"
+TINY = ["collect.image_size=32", "model.patch_size=8", "model.hidden_size=32", "model.num_layers=2",
+        "model.intermediate_size=64", "model.graph_width=16", "model.semantic_dim=16", "data.val_fraction=0",
+        "run.ray_num_cpus=4"]
+LEFT_FREE = 256 * 1024   # room for the ledger's lines and Ray's run snapshot, not for a checkpoint
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a 96 MB tmpfs for the run folder ({done.stderr.strip()}); this test needs the "
+                    f"right to mount (root with CAP_SYS_ADMIN)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    write_shards([run_expert_episode(task, seed, 32, "corner", 40) for task in ("reach-v3", "push-v3")
+                  for seed in (0, 1)], str(folder), rows_per_shard=60)
+    yield str(folder)
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _committed_step(run_dir):
+    for snapshot in (Path(run_dir) / "ray").glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+        except json.JSONDecodeError:   # caught mid-write
+            return 0
+        return int(latest.get("metrics", {}).get("step", 0))
+    return 0
+
+
+def _fill(folder: Path, leave: int) -> Path:
+    """A ballast file taking all of the filesystem's free space but `leave` bytes."""
+    stat = os.statvfs(folder)
+    ballast = folder / "ballast"
+    with open(ballast, "wb") as f:
+        f.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave))
+    return ballast
+
+
+def _ledger(run_dir):
+    (path,) = list((Path(run_dir) / "ray").glob("*/ledger/rank0.jsonl"))
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_full_run_folder_fails_the_checkpoint_keeps_the_last_one_and_resume_finishes(shards, small_disk, tmp_path):
+    steps, every = 40, 10
+    run_dir = small_disk / "run"
+    overrides = TINY + [f"run.run_dir={run_dir}", f"data.shards_uri={shards}",
+                        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "distill.teacher_mode=online",
+                        "distill.eval_every=0", f"distill.train.steps={steps}", "distill.train.batch_size=8",
+                        f"distill.train.checkpoint_every={every}", "distill.train.keep_checkpoints=2",
+                        "distill.train.ledger=true", "distill.train.num_workers=1", "distill.train.max_failures=0"]
+    config = tmp_path / "distill.yaml"
+    config.write_text(SMOKE.read_text())
+    cfg = load_config(config, overrides)
+    torch.manual_seed(0)
+    teacher = VLA(teacher_config(cfg.model, [32, 32, 3], 4, 4))
+    stats = {"action_mean": [0.0] * 4, "action_std": [1.0] * 4, "proprio_mean": [0.0] * 4, "proprio_std": [1.0] * 4}
+    digest = save_policy(teacher, str(RunPaths.of(cfg).teacher), PolicyCard(normalizer=stats))
+    save_probes(new_probes(teacher, cfg.model), str(RunPaths.of(cfg).probes), {"teacher_hash": digest})
+
+    start_ray(cfg)   # in the main thread: Ray's head processes die with the thread that started them
+    outcome = {}
+
+    def distill():
+        try:
+            distill_job.main(cfg)
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=distill)
+    thread.start()
+    deadline = time.time() + 600
+    while _committed_step(run_dir) < every and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.02)
+    ballast = _fill(small_disk, LEFT_FREE)
+    thread.join(timeout=600)
+
+    error = str(outcome.get("error"))
+    name = next(p.name for p in (run_dir / "ray").iterdir() if (p / "actdistill_run.json").is_file())
+    assert "out of space" in error and str(run_dir / "ray") in error, error
+    assert f"--resume {name}" in error
+    committed = _committed_step(run_dir)
+    assert committed >= every and committed < steps
+    # The registered checkpoint is whole; the one cut short is gone.
+    checkpoints = [p for p in (run_dir / "ray" / name).glob("checkpoint_*") if p.is_dir()]
+    assert all((p / "progress.json").is_file() and (p / "model.safetensors").is_file() for p in checkpoints)
+
+    ballast.unlink()
+    assert run_cli(distill_job.main, "distill", ["--config", str(config), "--resume", name, *overrides]) == 0
+    entries = _ledger(run_dir)
+    resumed_at = next(e["step"] for e in entries[1:] if e["pid"] != entries[0]["pid"]) - 1
+    assert resumed_at == committed
+    kept = [e["step"] for e in entries if e["pid"] == entries[0]["pid"] and e["step"] <= resumed_at]
+    kept += [e["step"] for e in entries if e["pid"] != entries[0]["pid"]]
+    assert kept == list(range(1, steps + 1))   # each optimizer step once
+    assert (RunPaths.of(cfg).student / "model.safetensors").is_file()

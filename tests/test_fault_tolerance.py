@@ -179,7 +179,9 @@ def _teacher_and_probes(cfg):
 
 
 def test_an_interrupted_zero3_online_distill_continues_with_resume(shards, tmp_path):
-    steps, every = 60, 6
+    # The kill lands 2 steps past the first registered checkpoint (step 8 or so; ~1 s a step): 24 steps leave the
+    # first attempt ~16 steps it must not finish, and the resumed one several checkpoints to write.
+    steps, every = 24, 6
     train = _train("distill.train", dict(steps=steps, batch_size=8, checkpoint_every=every, ledger="true",
                                          max_failures=0, zero_stage=3, log_every=6))
     config, overrides = _config_file(tmp_path, tmp_path / "run", shards,

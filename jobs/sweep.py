@@ -35,13 +35,17 @@ def main(cfg: PipelineConfig) -> SweepSummary:
     folder.mkdir(parents=True, exist_ok=True)
     with stage_run(cfg, "sweep") as run:
         mlflow.log_artifact(cfg.sweep.space)
-        trials, stopped = run_trials(cfg, space, run.info.run_id)
+        trials, stopped, failed = run_trials(cfg, space, run.info.run_id)
+        mlflow.log_metrics({"failed_trials": len(failed)})
+        if failed:
+            mlflow.log_dict({"failed": [f.model_dump() for f in failed]}, "failed_trials.json")
         if not trials:
-            raise RuntimeError(f"all {stopped} trials were stopped early; lower sweep.reduction_factor or use "
-                               f"sweep.scheduler=fifo")
-        front = pareto(trials)
+            first = f"; first error: {failed[0].error}" if failed else ""
+            raise RuntimeError(f"no trial completed: {stopped} stopped early (lower sweep.reduction_factor or use "
+                               f"sweep.scheduler=fifo), {len(failed)} failed{first}")
+        front = pareto(trials)   # completed trials only
         summary = SweepSummary(space=cfg.sweep.space, trials=trials, stopped_early=stopped,
-                               frontier=[t.trial for t in front], teacher=teacher_reference(paths))
+                               frontier=[t.trial for t in front], teacher=teacher_reference(paths), failed=failed)
         (folder / "trials.json").write_text(summary.to_json())
         (folder / "frontier.md").write_text(frontier_table(trials, front) + "\n")
         frontier_plot(trials, front, summary.teacher, folder / "frontier.png")

@@ -226,6 +226,10 @@ class SweepSection(_Section):
     num_samples: int = Field(1, ge=1, description="samples per grid point, e.g. 1")
     max_concurrent_trials: int = Field(1, ge=1, description="trials at once (1 on 2 cores)")
     eval_episodes_per_task: int = Field(1, ge=1, description="closed-loop episodes per task per trial")
+    trial_max_failures: int = Field(
+        1, ge=0, description="times Tune restarts a failed trial; the restart continues its distill from the "
+                             "trial's own last checkpoint (distill.train.checkpoint_every). A trial failing past "
+                             "this is left out of the frontier, and the sweep goes on with the others")
 
 
 class PromoteSection(_Section):

@@ -25,6 +25,13 @@ class TrialResult(BaseModel):
     eval_seed: int | None = None             # the first of their seeds (evaluate.seed, then one up per episode)
 
 
+class FailedTrial(BaseModel):
+    """A trial that failed past sweep.trial_max_failures: its sampled values and the error, for the summary."""
+
+    params: dict[str, Any]
+    error: str
+
+
 class TeacherPoint(BaseModel):
     success: float
     compute_ratio: float = 1.0
@@ -36,10 +43,11 @@ class SweepSummary(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     space: str
-    trials: list[TrialResult]
+    trials: list[TrialResult]                # completed trials only: the frontier and promote read these
     stopped_early: int
     frontier: list[str]                      # trial names on the Pareto front, by compute
     teacher: TeacherPoint | None = None      # from the evaluate report, when there was one
+    failed: list[FailedTrial] = []           # trials that failed past sweep.trial_max_failures
 
     @classmethod
     def read(cls, path: Path) -> SweepSummary:

@@ -139,6 +139,8 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_with_no_step_lost_or_r
     steps, every = 36, 6
     train = _train("teacher", dict(steps=steps, batch_size=8, checkpoint_every=every, keep_checkpoints=2,
                                    ledger="true", max_failures=1, zero_stage=2, log_every=6))
+    # One MLflow store for both runs (a fresh sqlite store costs ~4 s of table creation); nothing here reads it.
+    train.append(f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
     ref_file, ref_over = _config_file(tmp_path, tmp_path / "reference", shards, train)
     kill_file, kill_over = _config_file(tmp_path, tmp_path / "killed", shards, train)
 

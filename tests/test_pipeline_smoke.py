@@ -11,7 +11,11 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import ray
 from mlflow.tracking import MlflowClient
+
+from jobs import promote
+from pipeline.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "jobs" / "configs" / "smoke.yaml"
@@ -29,6 +33,19 @@ def _run(args, run_dir, timeout, overrides=()):
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc.stdout + proc.stderr   # what the terminal shows: Ray's forwarded worker logs go to stderr
+
+
+def _promote_here(run_dir, overrides=()):
+    """`python -m jobs.promote` in this process (run_cli is what the module's __main__ calls): no interpreter and
+    imports to start again (~10 s a call). A re-evaluation starts Ray here (see ray_here)."""
+    code = run_cli(promote.main, "promote", ["--config", str(SMOKE), f"run.run_dir={run_dir}", *overrides])
+    assert code == 0
+
+
+def _copy_run(run_dir, copy):
+    """The run folder without Ray's storage (checkpoints), for a test that writes into it."""
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("ray"))
+    return copy
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +118,7 @@ def test_promote_registered_an_aliased_version_and_a_second_promote_changes_noth
     champion = client.get_model_version_by_alias("actdistill-smoke-student", "champion")
     assert champion.tags["student_hash"] and champion.tags["teacher_hash"] and champion.tags["data_content_hash"]
     before = [(v.version, dict(v.tags)) for v in client.search_model_versions("name='actdistill-smoke-student'")]
-    _run([sys.executable, "-m", "jobs.promote"], run_dir, timeout=300)
+    _promote_here(run_dir)
     after = [(v.version, dict(v.tags)) for v in client.search_model_versions("name='actdistill-smoke-student'")]
     assert after == before
     assert client.get_model_version_by_alias("actdistill-smoke-student", "champion").version == champion.version
@@ -120,9 +137,13 @@ def test_the_registered_pyfunc_predicts_actions(smoke_run):
     assert actions.shape == (2, 4) and np.isfinite(actions).all()
 
 
-def test_a_job_runs_alone_as_a_module_on_the_run_folder(smoke_run):
+def test_a_job_runs_alone_as_a_module_on_the_run_folder(smoke_run, tmp_path):
     run_dir, _ = smoke_run
-    stdout = _run([sys.executable, "-m", "jobs.evaluate"], run_dir, timeout=600)
+    # On a copy (the job rewrites evaluate/, which the promote tests read), with the fewest closed-loop steps:
+    # the point is the module running alone on a run folder, not the figures.
+    copy = _copy_run(run_dir, tmp_path / "run")
+    stdout = _run([sys.executable, "-m", "jobs.evaluate"], copy, timeout=600,
+                  overrides=["evaluate.episodes_per_task=1", "evaluate.max_steps=10", "evaluate.latency_calls=3"])
     assert "| student |" in stdout
 
 
@@ -138,12 +159,18 @@ def test_the_terminal_shows_every_stage_and_training_progress_but_no_ray_data_re
     assert "requires_grad=True to a scalar" not in output
 
 
-def test_promote_reevaluates_a_lucky_sweep_winner_on_the_teachers_episodes(smoke_run, tmp_path):
+@pytest.fixture
+def ray_here():
+    """For jobs called in this process: the Ray instance they start (in this, the main thread) ends with the test."""
+    yield
+    ray.shutdown()
+
+
+def test_promote_reevaluates_a_lucky_sweep_winner_on_the_teachers_episodes(smoke_run, tmp_path, ray_here):
     """A trial ranked on 1 episode per task is measured again on the teacher's 2 before the gate; the gate uses
     that measurement and the version's tags carry both."""
     run_dir, _ = smoke_run
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("ray"))
+    copy = _copy_run(run_dir, tmp_path / "run")
     trials = json.loads((copy / "sweep" / "trials.json").read_text())
     lucky = trials["trials"][0]
     lucky.update(student_uri=lucky["student_uri"].replace(str(run_dir), str(copy)), success=0.97,
@@ -152,8 +179,7 @@ def test_promote_reevaluates_a_lucky_sweep_winner_on_the_teachers_episodes(smoke
     uri = f"sqlite:///{copy.resolve()}/mlflow.db"
     client = MlflowClient(uri, registry_uri=uri)
     gate = ["promote.reevaluate_top=1", "promote.success_delta=1.0"]
-    _run([sys.executable, "-m", "jobs.promote"], copy, 600,
-         ["promote.model_name=lucky", "promote.compute_budget=1.0", *gate])
+    _promote_here(copy, ["promote.model_name=lucky", "promote.compute_budget=1.0", *gate])
     version = client.get_model_version_by_alias("lucky", "champion")
     assert version.tags["source"] == lucky["trial"]
     assert float(version.tags["sweep_success"]) == 0.97 and version.tags["sweep_episodes_per_task"] == "1"
@@ -163,6 +189,5 @@ def test_promote_reevaluates_a_lucky_sweep_winner_on_the_teachers_episodes(smoke
     assert compute > 0.05, "the test needs a student that runs some layers in closed loop"
     # The same trial under a compute budget its sweep figure meets and its closed-loop one does not: refused.
     budget = (0.05 + compute) / 2
-    _run([sys.executable, "-m", "jobs.promote"], copy, 600,
-         ["promote.model_name=lucky-budget", f"promote.compute_budget={budget}", *gate])
+    _promote_here(copy, ["promote.model_name=lucky-budget", f"promote.compute_budget={budget}", *gate])
     assert client.search_model_versions("name='lucky-budget'") == []

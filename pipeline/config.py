@@ -78,6 +78,14 @@ class DataSection(_Section):
                                 description="fraction of episodes held out for validation, in [0, 1)")
     on_bad_rows: Literal["error", "skip"] = Field(
         "error", description="error (stop, naming file and row) or skip (leave bad rows out, counted and logged)")
+    cache: Literal["auto", "always", "never"] = Field(
+        "auto", description="training rows in Ray's object store: auto (read once and cached when they fit a "
+                            "fraction of it), always, or never (streamed from storage on every pass)")
+
+    @property
+    def cached(self) -> bool | None:
+        """open_shards' cache argument: None decides by size."""
+        return {"auto": None, "always": True, "never": False}[self.cache]
 
 
 class ModelSection(_Section):

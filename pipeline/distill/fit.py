@@ -214,12 +214,13 @@ def _datasets(cfg: PipelineConfig, manifest: Manifest, teacher_hash: str) -> dic
         check_teacher(read_labels(paths.labelled), teacher_hash, paths.labelled)
 
         def rows(ids: set[str]) -> ray.data.Dataset:
-            return open_labelled(paths.labelled, episodes=ids)
+            return open_labelled(paths.labelled, episodes=ids, cache=cfg.data.cached)
     else:
         report = validate_shards(paths.shards, manifest, cfg.data.on_bad_rows, cache_dir=paths.validation)
 
         def rows(ids: set[str]) -> ray.data.Dataset:
-            return open_shards(paths.shards, manifest, episodes=ids, skip_rows=report.skip_rows)
+            return open_shards(paths.shards, manifest, episodes=ids, skip_rows=report.skip_rows,
+                               cache=cfg.data.cached)
     datasets = {"train": shuffle_each_epoch(rows(train_ids), cfg.run.seed)}
     if val_ids and cfg.distill.eval_every:
         datasets["val"] = rows(val_ids)

@@ -122,8 +122,8 @@ def fit_teacher(cfg: PipelineConfig, tracking: Tracking, run: TrainRun) -> Teach
     manifest = read_manifest(paths.shards)
     report = validate_shards(paths.shards, manifest, cfg.data.on_bad_rows, cache_dir=paths.validation)
     train_ids, _ = split_episodes(manifest, cfg.data.val_fraction)
-    data = open_shards(paths.shards, manifest, episodes=train_ids,
-                       skip_rows=report.skip_rows)
+    data = open_shards(paths.shards, manifest, episodes=train_ids, skip_rows=report.skip_rows,
+                       cache=cfg.data.cached)
     data = shuffle_each_epoch(data, cfg.run.seed)
     card = PolicyCard.for_teacher(manifest, cfg.digest())
     model = _anchored(cfg.model)

@@ -81,7 +81,8 @@ def _ledger(run_dir):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_a_full_run_folder_fails_the_checkpoint_keeps_the_last_one_and_resume_finishes(shards, small_disk, tmp_path):
+def test_a_full_run_folder_fails_the_checkpoint_keeps_the_last_one_and_resume_finishes(shards, small_disk, tmp_path,
+                                                                                      record_property):
     steps, every = 40, 10
     run_dir = small_disk / "run"
     overrides = TINY + [f"run.run_dir={run_dir}", f"data.shards_uri={shards}",
@@ -126,7 +127,9 @@ def test_a_full_run_folder_fails_the_checkpoint_keeps_the_last_one_and_resume_fi
     assert all((p / "progress.json").is_file() and (p / "model.safetensors").is_file() for p in checkpoints)
 
     ballast.unlink()
+    started = time.monotonic()
     assert run_cli(distill_job.main, "distill", ["--config", str(config), "--resume", name, *overrides]) == 0
+    resumed_s = time.monotonic() - started
     entries = _ledger(run_dir)
     resumed_at = next(e["step"] for e in entries[1:] if e["pid"] != entries[0]["pid"]) - 1
     assert resumed_at == committed
@@ -134,3 +137,8 @@ def test_a_full_run_folder_fails_the_checkpoint_keeps_the_last_one_and_resume_fi
     kept += [e["step"] for e in entries if e["pid"] != entries[0]["pid"]]
     assert kept == list(range(1, steps + 1))   # each optimizer step once
     assert (RunPaths.of(cfg).student / "model.safetensors").is_file()
+    record_property("fault", "run folder full (96 MB tmpfs) while writing a checkpoint")
+    record_property("outcome", f"stage failed naming the folder; --resume from step {committed} finished")
+    record_property("steps_lost", 0)
+    record_property("rows_lost", 0)
+    record_property("recover_s", round(resumed_s, 1))   # the --resume run, once space was freed

@@ -107,7 +107,8 @@ def run_folder(tmp_path):
         ray.shutdown()
 
 
-def test_a_crashed_trial_restarts_from_its_checkpoint_and_one_that_keeps_crashing_is_left_out(run_folder):
+def test_a_crashed_trial_restarts_from_its_checkpoint_and_one_that_keeps_crashing_is_left_out(run_folder,
+                                                                                                 record_property):
     cfg = run_folder
     start_ray(cfg)
     crasher = Crasher(RunPaths.of(cfg).sweep)
@@ -147,3 +148,10 @@ def test_a_crashed_trial_restarts_from_its_checkpoint_and_one_that_keeps_crashin
     assert all("error" in r.data.tags for r in attempts[lost] + attempts[recovered][:1])
     assert attempts[recovered][1].data.tags["resumed_from_step"] == str(resumed_at)
     assert "success" in attempts[recovered][1].data.metrics
+    restart = attempts[recovered][1].info
+    record_property("fault", "a Ray Train worker killed inside a sweep trial (once; another trial twice)")
+    record_property("outcome", f"trial restarted from its step-{resumed_at} checkpoint and completed; the twice-"
+                               f"killed trial left out of trials.json and the frontier")
+    record_property("steps_lost", 0)
+    record_property("rows_lost", 0)
+    record_property("recover_s", round((restart.end_time - restart.start_time) / 1000, 1))   # the restarted attempt

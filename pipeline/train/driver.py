@@ -152,6 +152,11 @@ def fit(train_fn: Callable[[dict[str, Any]], None], job: Any, datasets: dict[str
         raise RuntimeError(f"training run {run.name} failed: its run folder {run.storage_path} is out of space "
                            f"(No space left on device) while writing a checkpoint; {kept}. Free space there, then "
                            f"continue it with --resume {run.name}\n{error}") from error
+    if error is not None and "AWS Error" in str(error):
+        raise RuntimeError(f"training run {run.name} failed reading S3 after every retry (pyarrow: "
+                           f"{storage.S3_OPTIONS.max_attempts} attempts per request; Ray Data: up to 10 per file "
+                           f"operation, backing off to 32 s); the error below names the bucket and key. Once the "
+                           f"endpoint answers, continue it with --resume {run.name}\n{error}") from error
     if error is not None:
         raise RuntimeError(f"training run {run.name} failed: {error}\nafter fixing the cause, continue it "
                            f"with --resume {run.name}") from error

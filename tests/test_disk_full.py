@@ -5,32 +5,21 @@ The run folder is a small tmpfs mounted for the test (it needs the right to moun
 import json
 import os
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import ray
-import torch
+from fault_support import SMOKE, TINY, in_thread, teacher_and_probes, write_expert_shards
 
 from jobs import distill as distill_job
 from pipeline.cli import run_cli
 from pipeline.config import load_config
-from pipeline.data.shards import write_shards
-from pipeline.models.checkpoint import PolicyCard, save_policy, save_probes
-from pipeline.models.vla import VLA, teacher_config
 from pipeline.ray_runtime import start_ray
-from pipeline.sim.metaworld_env import run_expert_episode
 from pipeline.stages import RunPaths
-from pipeline.teacher.probing import new_probes
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "jobs" / "configs" / "smoke.yaml"
-TINY = ["collect.image_size=32", "model.patch_size=8", "model.hidden_size=32", "model.num_layers=2",
-        "model.intermediate_size=64", "model.graph_width=16", "model.semantic_dim=16", "data.val_fraction=0",
-        "run.ray_num_cpus=4"]
 LEFT_FREE = 256 * 1024   # room for the ledger's lines and Ray's run snapshot, not for a checkpoint
 
 
@@ -50,9 +39,7 @@ def small_disk(tmp_path):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     folder = tmp_path_factory.mktemp("shards")
-    write_shards([run_expert_episode(task, seed, 32, "corner", 40) for task in ("reach-v3", "push-v3")
-                  for seed in (0, 1)], str(folder), rows_per_shard=60)
-    yield str(folder)
+    yield write_expert_shards(str(folder))
     if ray.is_initialized():
         ray.shutdown()
 
@@ -93,23 +80,10 @@ def test_a_full_run_folder_fails_the_checkpoint_keeps_the_last_one_and_resume_fi
     config = tmp_path / "distill.yaml"
     config.write_text(SMOKE.read_text())
     cfg = load_config(config, overrides)
-    torch.manual_seed(0)
-    teacher = VLA(teacher_config(cfg.model, [32, 32, 3], 4, 4))
-    stats = {"action_mean": [0.0] * 4, "action_std": [1.0] * 4, "proprio_mean": [0.0] * 4, "proprio_std": [1.0] * 4}
-    digest = save_policy(teacher, str(RunPaths.of(cfg).teacher), PolicyCard(normalizer=stats))
-    save_probes(new_probes(teacher, cfg.model), str(RunPaths.of(cfg).probes), {"teacher_hash": digest})
+    teacher_and_probes(cfg)
 
     start_ray(cfg)   # in the main thread: Ray's head processes die with the thread that started them
-    outcome = {}
-
-    def distill():
-        try:
-            distill_job.main(cfg)
-        except Exception as exc:  # noqa: BLE001 - handed to the test
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=distill)
-    thread.start()
+    thread, outcome = in_thread(lambda: distill_job.main(cfg))
     deadline = time.time() + 600
     while _committed_step(run_dir) < every and thread.is_alive() and time.time() < deadline:
         time.sleep(0.02)

@@ -12,25 +12,14 @@ from pathlib import Path
 import boto3
 import pytest
 import ray
-import torch
+from fault_support import SMOKE, TINY, teacher_and_probes, write_expert_shards
 
 from jobs import distill as distill_job
 from pipeline.config import load_config
-from pipeline.data.shards import write_shards
-from pipeline.models.checkpoint import PolicyCard, save_policy, save_probes
-from pipeline.models.vla import VLA, teacher_config
 from pipeline.ray_runtime import start_ray
-from pipeline.sim.metaworld_env import run_expert_episode
-from pipeline.stages import RunPaths
-from pipeline.teacher.probing import new_probes
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "jobs" / "configs" / "smoke.yaml"
-TINY = ["collect.image_size=32", "model.patch_size=8", "model.hidden_size=32", "model.num_layers=2",
-        "model.intermediate_size=64", "model.graph_width=16", "model.semantic_dim=16", "data.val_fraction=0",
-        "run.ray_num_cpus=4"]
 UNAVAILABLE = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>ServiceUnavailable</Code>"
                b"<Message>Please reduce your request rate.</Message></Error>")
 
@@ -115,8 +104,7 @@ def s3_behind_proxy():
                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
         mp.setenv(key, value)
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="stall")
-    write_shards([run_expert_episode(task, seed, 32, "corner", 40) for task in ("reach-v3", "push-v3")
-                  for seed in (0, 1)], "s3://stall/shards", rows_per_shard=40)
+    write_expert_shards("s3://stall/shards", rows_per_shard=40)
     yield proxy
     if ray.is_initialized():
         ray.shutdown()
@@ -132,11 +120,7 @@ def _config(tmp_path, name):
         f"tracking.tracking_uri=sqlite:///{tmp_path / name}.db", "distill.teacher_mode=online", "distill.eval_every=0",
         "distill.train.steps=60", "distill.train.batch_size=8", "distill.train.ledger=true",
         "distill.train.num_workers=1", "distill.train.checkpoint_every=0"])
-    torch.manual_seed(0)
-    teacher = VLA(teacher_config(cfg.model, [32, 32, 3], 4, 4))
-    stats = {"action_mean": [0.0] * 4, "action_std": [1.0] * 4, "proprio_mean": [0.0] * 4, "proprio_std": [1.0] * 4}
-    digest = save_policy(teacher, str(RunPaths.of(cfg).teacher), PolicyCard(normalizer=stats))
-    save_probes(new_probes(teacher, cfg.model), str(RunPaths.of(cfg).probes), {"teacher_hash": digest})
+    teacher_and_probes(cfg)
     return cfg
 
 

@@ -12,27 +12,17 @@ from pathlib import Path
 
 import pytest
 import ray
-import torch
+from fault_support import SMOKE, TINY, teacher_and_probes, write_expert_shards
 from mlflow.tracking import MlflowClient
 
 from jobs import sweep as sweep_job
 from pipeline.config import load_config
-from pipeline.data.shards import write_shards
-from pipeline.models.checkpoint import PolicyCard, save_policy, save_probes
-from pipeline.models.vla import VLA, teacher_config
 from pipeline.ray_runtime import start_ray
-from pipeline.sim.metaworld_env import run_expert_episode
 from pipeline.stages import RunPaths
-from pipeline.teacher.probing import new_probes
 from pipeline.tune.trials import SweepSummary
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "jobs" / "configs" / "smoke.yaml"
-TINY = ["collect.image_size=32", "model.patch_size=8", "model.hidden_size=32", "model.num_layers=2",
-        "model.intermediate_size=64", "model.graph_width=16", "model.semantic_dim=16", "data.val_fraction=0.25",
-        "run.ray_num_cpus=4"]
 STEPS, EVERY = 20, 5
 
 
@@ -86,22 +76,18 @@ class Crasher(threading.Thread):
 @pytest.fixture
 def run_folder(tmp_path):
     shards = tmp_path / "shards"
-    write_shards([run_expert_episode(task, seed, 32, "corner", 40) for task in ("reach-v3", "push-v3")
-                  for seed in (0, 1)], str(shards), rows_per_shard=60)
+    write_expert_shards(str(shards))
     space = tmp_path / "space.yaml"
     space.write_text("router.budget: {grid: [0.3, 0.6]}\n")
     cfg = load_config(SMOKE, TINY + [
-        f"run.run_dir={tmp_path / 'run'}", f"data.shards_uri={shards}", f"sweep.space={space}",
+        "data.val_fraction=0.25", f"run.run_dir={tmp_path / 'run'}", f"data.shards_uri={shards}",
+        f"sweep.space={space}",
         "sweep.scheduler=fifo", "sweep.trial_max_failures=1", "sweep.eval_episodes_per_task=1",
         "distill.teacher_mode=online", "distill.eval_every=0", f"distill.train.steps={STEPS}",
         "distill.train.batch_size=8", f"distill.train.checkpoint_every={EVERY}", "distill.train.ledger=true",
         "distill.train.max_failures=0", "distill.train.num_workers=1", "evaluate.max_steps=10",
         "evaluate.num_workers=1", "evaluate.envs_per_worker=2", "evaluate.latency_calls=3"])
-    torch.manual_seed(0)
-    teacher = VLA(teacher_config(cfg.model, [32, 32, 3], 4, 4))
-    stats = {"action_mean": [0.0] * 4, "action_std": [1.0] * 4, "proprio_mean": [0.0] * 4, "proprio_std": [1.0] * 4}
-    digest = save_policy(teacher, str(RunPaths.of(cfg).teacher), PolicyCard(normalizer=stats))
-    save_probes(new_probes(teacher, cfg.model), str(RunPaths.of(cfg).probes), {"teacher_hash": digest})
+    teacher_and_probes(cfg)
     yield cfg
     if ray.is_initialized():
         ray.shutdown()

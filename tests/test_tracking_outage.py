@@ -12,28 +12,19 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from fault_support import NORMALIZER, SMOKE, TINY, in_thread, teacher_and_probes, write_expert_shards
 from mlflow.tracking import MlflowClient
 
 from jobs import distill as distill_job
 from pipeline.config import load_config
-from pipeline.data.shards import write_shards
 from pipeline.infra.stack import _wait_http, free_port, start_mlflow, stop_group
-from pipeline.models.checkpoint import PolicyCard, save_policy, save_probes
+from pipeline.models.checkpoint import PolicyCard, save_policy
 from pipeline.models.vla import VLA, teacher_config
 from pipeline.ray_runtime import start_ray
-from pipeline.sim.metaworld_env import run_expert_episode
-from pipeline.stages import RunPaths
-from pipeline.teacher.probing import new_probes
 from pipeline.tracking.metrics import MetricSender, TrackingOutage
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "jobs" / "configs" / "smoke.yaml"
-# Tiny: the outage must fall inside training, and each fit costs ~10 s of Ray start-up.
-TINY = ["collect.image_size=32", "model.patch_size=8", "model.hidden_size=32", "model.num_layers=2",
-        "model.intermediate_size=64", "model.graph_width=16", "model.semantic_dim=16", "data.val_fraction=0",
-        "run.ray_num_cpus=4"]
 
 
 class Server:
@@ -96,34 +87,9 @@ def test_metrics_wait_out_an_outage_and_a_longer_one_is_named(mlflow_server):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     folder = tmp_path_factory.mktemp("shards")
-    write_shards([run_expert_episode(task, seed, 32, "corner", 40) for task in ("reach-v3", "push-v3")
-                  for seed in (0, 1)], str(folder), rows_per_shard=60)
-    yield str(folder)
+    yield write_expert_shards(str(folder))
     if ray.is_initialized():
         ray.shutdown()
-
-
-def _in_thread(fn):
-    outcome = {}
-
-    def target():
-        try:
-            outcome["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    return thread, outcome
-
-
-def _teacher_and_probes(cfg):
-    """A random teacher and its probes (online distillation reads no labels): the training plane is under test."""
-    torch.manual_seed(0)
-    teacher = VLA(teacher_config(cfg.model, [32, 32, 3], 4, 4))
-    stats = {"action_mean": [0.0] * 4, "action_std": [1.0] * 4, "proprio_mean": [0.0] * 4, "proprio_std": [1.0] * 4}
-    digest = save_policy(teacher, str(RunPaths.of(cfg).teacher), PolicyCard(normalizer=stats))
-    save_probes(new_probes(teacher, cfg.model), str(RunPaths.of(cfg).probes), {"teacher_hash": digest})
 
 
 def _distill_config(tmp_path, shards, server, steps, extra=()):
@@ -133,7 +99,7 @@ def _distill_config(tmp_path, shards, server, steps, extra=()):
                         "distill.train.checkpoint_every=20", "distill.train.ledger=true", "distill.train.num_workers=1",
                         *extra]
     cfg = load_config(SMOKE, overrides)
-    _teacher_and_probes(cfg)
+    teacher_and_probes(cfg)
     return cfg
 
 
@@ -163,7 +129,7 @@ def test_a_60s_tracking_outage_during_distill_blocks_no_step_and_loses_no_metric
     steps = 120
     cfg = _distill_config(tmp_path, shards, mlflow_server, steps)
     start_ray(cfg)   # in the main thread: Ray's head processes die with the thread that started them
-    thread, outcome = _in_thread(lambda: distill_job.main(cfg))
+    thread, outcome = in_thread(lambda: distill_job.main(cfg))
     _wait_for_step(tmp_path / "run", 3, thread)
     mlflow_server.stop()
     at_stop = len(_ledger_steps(tmp_path / "run"))
@@ -192,7 +158,7 @@ def test_a_tracking_server_away_past_the_limit_fails_the_stage_naming_it(shards,
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     cfg = _distill_config(tmp_path, shards, mlflow_server, 2000, ["tracking.outage_limit_s=10"])
     start_ray(cfg)
-    thread, outcome = _in_thread(lambda: distill_job.main(cfg))
+    thread, outcome = in_thread(lambda: distill_job.main(cfg))
     _wait_for_step(tmp_path / "run", 3, thread)
     mlflow_server.stop()
     thread.join(timeout=600)
@@ -215,9 +181,8 @@ def test_promote_registers_through_an_outage_once_with_every_tag(tmp_path, mlflo
     cfg = load_config(SMOKE, TINY + [f"run.run_dir={tmp_path / 'run'}"])
     torch.manual_seed(0)
     student = derive_student(VLA(teacher_config(cfg.model, [32, 32, 3], 4, 4)), 8)
-    stats = {"action_mean": [0.0] * 4, "action_std": [1.0] * 4, "proprio_mean": [0.0] * 4, "proprio_std": [1.0] * 4}
     uri = str(tmp_path / "student")
-    save_policy(student, uri, PolicyCard(normalizer=stats))
+    save_policy(student, uri, PolicyCard(normalizer=NORMALIZER))
     candidate = TrialResult(trial="t0", params={}, student_uri=uri, success=0.9, compute_ratio=0.5,
                             action_mse_norm=0.1)
     evidence = {"student_hash": read_policy_config(uri).hash, "success": "0.9", "compute_ratio": "0.5",

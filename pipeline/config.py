@@ -161,6 +161,12 @@ class TrainSection(_Section):
                                                     "last checkpoint; 0: none, -1: unlimited")
     ledger: bool = Field(False, description="true to record, per rank and optimizer step, a digest of the rows "
                                             "trained on (audits data order across restarts)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how Ray places the workers on nodes: PACK (few nodes), SPREAD, STRICT_PACK (one node) "
+                            "or STRICT_SPREAD (each worker on a node of its own)")
+    node_labels: dict[str, str] = Field(
+        default_factory=dict, description="Ray node labels every worker's node must carry (Ray Train's "
+                                          "label_selector), e.g. {ray.io/node-group: gpu-workers}; empty: any node")
 
 
 class ProbeSection(_Section):

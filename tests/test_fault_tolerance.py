@@ -1,43 +1,33 @@
-"""Training survives failures: a killed worker resumes from the last checkpoint (ZeRO-2), and an interrupted
-run continues with --resume (ZeRO-3, online teacher on shifted images), with no optimizer step or row lost
-or repeated."""
+"""Training survives failures: a killed worker, and a lost node of a multi-node cluster, resume from the last
+checkpoint (ZeRO-2); an interrupted run continues with --resume (ZeRO-3, online teacher on shifted images); no
+optimizer step or row is lost or repeated."""
 
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 import torch
 import yaml
+from fault_support import SMOKE, TINY, in_thread, teacher_and_probes, write_expert_shards
 from mlflow.tracking import MlflowClient
+from ray.cluster_utils import Cluster
 from safetensors.torch import load_file
 
 from jobs import distill as distill_job
 from jobs import train_teacher as teacher_job
 from pipeline.cli import run_cli
 from pipeline.config import load_config
-from pipeline.data.shards import write_shards
-from pipeline.models.checkpoint import PolicyCard, save_policy, save_probes
-from pipeline.models.vla import VLA, teacher_config
 from pipeline.ray_runtime import start_ray
-from pipeline.sim.metaworld_env import run_expert_episode
 from pipeline.stages import RunPaths
-from pipeline.teacher.probing import new_probes
 from pipeline.train.driver import train_run
-
-REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "jobs" / "configs" / "smoke.yaml"
 
 pytestmark = pytest.mark.slow
 
-# Tiny on purpose: the kill must land between checkpoints, and each fit costs ~10 s of Ray start-up.
-TINY = ["collect.image_size=32", "model.patch_size=8", "model.hidden_size=32", "model.num_layers=2",
-        "model.intermediate_size=64", "model.graph_width=16", "model.semantic_dim=16", "data.val_fraction=0",
-        "run.ray_num_cpus=4"]
 
 
 def _train(section, stage_args):
@@ -47,10 +37,7 @@ def _train(section, stage_args):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     folder = tmp_path_factory.mktemp("shards")
-    episodes = [run_expert_episode(task, seed, 32, "corner", 40) for task in ("reach-v3", "push-v3")
-                for seed in (0, 1)]
-    write_shards(episodes, str(folder), rows_per_shard=60)
-    yield str(folder)
+    yield write_expert_shards(str(folder))
     if ray.is_initialized():
         ray.shutdown()
 
@@ -86,13 +73,13 @@ def _committed_step(run_folder):
     return int(latest.get("metrics", {}).get("step", 0))
 
 
-def _kill_after_checkpoint(run_dir, rank, job, outcome, timeout=600):
-    """Once a checkpoint is registered, wait for `rank` to run 2 more steps, then SIGKILL that worker
-    process. Returns the step it had finished."""
+def _past_checkpoint(run_dir, rank, job, outcome, timeout=600):
+    """Once a checkpoint is registered, wait for `rank` to run 2 more steps; returns its last ledger line (the
+    step it finished and its worker's pid)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if not job.is_alive():
-            raise AssertionError(f"the run ended before a worker could be killed: {outcome}")
+            raise AssertionError(f"the run ended before its fault could be injected: {outcome}")
         for ledger in (Path(run_dir) / "ray").glob(f"*/ledger/rank{rank}.jsonl"):
             committed = _committed_step(ledger.parent.parent)
             lines = ledger.read_text().splitlines()
@@ -101,24 +88,16 @@ def _kill_after_checkpoint(run_dir, rank, job, outcome, timeout=600):
             except json.JSONDecodeError:   # the worker is mid-way through appending this line
                 last = None
             if committed and last and last["step"] >= committed + 2:
-                os.kill(last["pid"], signal.SIGKILL)
-                return last["step"]
+                return last
         time.sleep(0.01)
     raise TimeoutError(f"rank {rank} never got 2 steps past a registered checkpoint")
 
 
-def _in_thread(fn):
-    outcome = {}
-
-    def target():
-        try:
-            outcome["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    return thread, outcome
+def _kill_after_checkpoint(run_dir, rank, job, outcome):
+    """SIGKILL `rank`'s worker process 2 steps past a registered checkpoint; returns the step it had finished."""
+    last = _past_checkpoint(run_dir, rank, job, outcome)
+    os.kill(last["pid"], signal.SIGKILL)
+    return last["step"]
 
 
 def _lineage(entries, steps):
@@ -135,49 +114,121 @@ def _lineage(entries, steps):
     return attempts, kept
 
 
-def test_a_killed_worker_resumes_from_the_last_checkpoint_with_no_step_lost_or_repeated(shards, tmp_path):
-    steps, every = 36, 6
-    train = _train("teacher", dict(steps=steps, batch_size=8, checkpoint_every=every, keep_checkpoints=2,
-                                   ledger="true", max_failures=1, zero_stage=2, log_every=6))
-    # One MLflow store for both runs (a fresh sqlite store costs ~4 s of table creation); nothing here reads it.
-    train.append(f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
-    ref_file, ref_over = _config_file(tmp_path, tmp_path / "reference", shards, train)
-    kill_file, kill_over = _config_file(tmp_path, tmp_path / "killed", shards, train)
+STEPS, EVERY = 36, 6
+TEACHER = _train("teacher", dict(steps=STEPS, batch_size=8, checkpoint_every=EVERY, keep_checkpoints=2,
+                                 ledger="true", max_failures=1, zero_stage=2, log_every=6))
 
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    """An uninterrupted train-teacher run of TEACHER on a local Ray: what every interrupted run must equal. Its
+    MLflow store is shared by the interrupted runs (a fresh sqlite store costs ~4 s of table creation)."""
+    folder = tmp_path_factory.mktemp("reference")
+    tracking = [f"tracking.tracking_uri=sqlite:///{folder / 'mlflow.db'}"]
+    ref_file, ref_over = _config_file(folder, folder / "reference", shards, TEACHER + tracking)
     teacher_job.main(load_config(ref_file, ref_over))          # also starts Ray in this (main) thread
-    thread, outcome = _in_thread(lambda: teacher_job.main(load_config(kill_file, kill_over)))
+    return folder / "reference", tracking
+
+
+def _assert_resumed_like(reference_dir, run_dir, stopped_at):
+    """One restart from a checkpoint at or before `stopped_at`; exactly STEPS optimizer steps, each once, on the
+    reference's rows; the reference's final weights; keep_checkpoints, and no folder left by a cut-short report."""
+    reference, resumed = _ledger(_only_run(reference_dir)), _ledger(_only_run(run_dir))
+    for rank in (0, 1):
+        attempts, kept = _lineage(resumed[rank], STEPS)
+        assert len(attempts) == 2, "the worker group was restarted once"
+        resumed_from = attempts[1][0]["step"] - 1
+        assert resumed_from % EVERY == 0 and EVERY <= resumed_from <= stopped_at   # a checkpoint, not step 0
+        assert [e["step"] for e in kept] == list(range(1, STEPS + 1))
+        assert [e["digest"] for e in kept] == [e["digest"] for e in reference[rank]]
+    # Optimizer state and LR schedule were restored too: the weights equal the uninterrupted run's.
+    ours = load_file(Path(run_dir) / "teacher" / "model.safetensors")
+    theirs = load_file(Path(reference_dir) / "teacher" / "model.safetensors")
+    for name, value in theirs.items():
+        torch.testing.assert_close(ours[name], value, atol=1e-5, rtol=1e-4)
+    checkpoints = sorted(p for p in _only_run(run_dir).glob("checkpoint_*") if p.is_dir())
+    assert len(checkpoints) == 2
+    assert json.loads((checkpoints[-1] / "progress.json").read_text())["step"] == STEPS
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint_with_no_step_lost_or_repeated(shards, reference,
+                                                                                        tmp_path):
+    reference_dir, tracking = reference
+    kill_file, kill_over = _config_file(tmp_path, tmp_path / "killed", shards, TEACHER + tracking)
+    start_ray(load_config(kill_file, kill_over))   # a no-op after the reference; in the main thread either way
+    thread, outcome = in_thread(lambda: teacher_job.main(load_config(kill_file, kill_over)))
     killed_at = _kill_after_checkpoint(tmp_path / "killed", rank=1, job=thread, outcome=outcome)
     thread.join(timeout=900)
     assert "error" not in outcome, outcome.get("error")
-
-    reference, killed = _ledger(_only_run(tmp_path / "reference")), _ledger(_only_run(tmp_path / "killed"))
-    for rank in (0, 1):
-        attempts, kept = _lineage(killed[rank], steps)
-        assert len(attempts) == 2, "the worker group was restarted once"
-        resumed_from = attempts[1][0]["step"] - 1
-        assert resumed_from % every == 0 and every <= resumed_from <= killed_at   # a checkpoint, not step 0
-        # Exactly the planned optimizer steps, each once, on exactly the rows of an uninterrupted run.
-        assert [e["step"] for e in kept] == list(range(1, steps + 1))
-        assert [e["digest"] for e in kept] == [e["digest"] for e in reference[rank]]
-    # Optimizer state and LR schedule were restored too: the weights equal the uninterrupted run's.
-    ours = load_file(tmp_path / "killed" / "teacher" / "model.safetensors")
-    theirs = load_file(tmp_path / "reference" / "teacher" / "model.safetensors")
-    for name, value in theirs.items():
-        torch.testing.assert_close(ours[name], value, atol=1e-5, rtol=1e-4)
-    # keep_checkpoints, and no folder left by the report the kill cut short
-    checkpoints = sorted(p for p in _only_run(tmp_path / "killed").glob("checkpoint_*") if p.is_dir())
-    assert len(checkpoints) == 2
-    assert json.loads((checkpoints[-1] / "progress.json").read_text())["step"] == steps
+    _assert_resumed_like(reference_dir, tmp_path / "killed", killed_at)
 
 
-def _teacher_and_probes(cfg):
-    """A random teacher and its probes: enough to test the training plane without training them."""
-    torch.manual_seed(0)
-    teacher = VLA(teacher_config(cfg.model, [32, 32, 3], 4, 4))
-    stats = {"action_mean": [0.0] * 4, "action_std": [1.0] * 4, "proprio_mean": [0.0] * 4,
-             "proprio_std": [1.0] * 4}
-    digest = save_policy(teacher, str(RunPaths.of(cfg).teacher), PolicyCard(normalizer=stats))
-    save_probes(new_probes(teacher, cfg.model), str(RunPaths.of(cfg).probes), {"teacher_hash": digest})
+TRAIN_NODE = {"actdistill-role": "train"}
+
+
+@pytest.fixture
+def three_nodes():
+    """A Ray cluster of three nodes on this machine (Ray's own cluster utility: a head and two worker nodes,
+    each its own raylet and object store, all on this machine's address). The head has the CPUs for Ray Data and the driver;
+    each worker node 1 CPU and the label training workers are placed by. Nodes are declared dead after ~2 s
+    of failed health checks (Ray's default is ~15 s)."""
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": False,
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4}})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, labels=TRAIN_NODE)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _node_of(cluster, pid):
+    """The worker node whose raylet started process `pid`."""
+    ancestors = {p.pid for p in psutil.Process(pid).parents()}
+    (node,) = [n for n in cluster.worker_nodes if n.all_processes["raylet"][0].process.pid in ancestors]
+    return node
+
+
+def _alive_train_nodes():
+    return sum(1 for n in ray.nodes() if n["Alive"] and n.get("Labels", {}).get("actdistill-role") == "train")
+
+
+def test_a_lost_node_resumes_on_a_new_one_with_no_step_lost_or_repeated(shards, reference, three_nodes, tmp_path,
+                                                                        record_property):
+    """The two training workers sit on different nodes; the raylet of rank 1's node is killed 2 steps past a
+    registered checkpoint (its workers die with it); the run waits for a node, goes on from that checkpoint
+    once one is added, and ends as the uninterrupted run did."""
+    reference_dir, tracking = reference
+    placement = ["teacher.placement_strategy=STRICT_SPREAD", "teacher.node_labels={actdistill-role: train}",
+                 f"run.ray_address={three_nodes.address}"]
+    config, overrides = _config_file(tmp_path, tmp_path / "lost", shards, TEACHER + tracking + placement)
+    start_ray(load_config(config, overrides))    # joins the cluster, in the main thread
+    thread, outcome = in_thread(lambda: teacher_job.main(load_config(config, overrides)))
+    last = _past_checkpoint(tmp_path / "lost", rank=1, job=thread, outcome=outcome)
+    rank0 = json.loads((_only_run(tmp_path / "lost") / "ledger" / "rank0.jsonl").read_text().splitlines()[0])
+    lost = _node_of(three_nodes, last["pid"])
+    assert _node_of(three_nodes, rank0["pid"]) is not lost, "the two workers share a node"
+    lost_at = time.time()
+    three_nodes.remove_node(lost, allow_graceful=False)   # SIGKILL: the raylet, its object store, its workers
+    while _alive_train_nodes() > 1:                       # the head declares it dead
+        time.sleep(0.2)
+    three_nodes.add_node(num_cpus=1, labels=TRAIN_NODE)
+    ledger = _only_run(tmp_path / "lost") / "ledger" / "rank1.jsonl"
+    while thread.is_alive() and all(json.loads(line)["pid"] == last["pid"]
+                                    for line in ledger.read_text().splitlines()[:-1]):
+        time.sleep(0.1)   # [:-1]: the last line may be half written
+    recovered_s = time.time() - lost_at   # from the kill to the restarted group's second step
+    thread.join(timeout=900)
+    assert "error" not in outcome, outcome.get("error")
+    _assert_resumed_like(reference_dir, tmp_path / "lost", last["step"])
+    record_property("fault", "a worker node lost (its raylet killed) on a 3-node cluster; a node added back")
+    record_property("outcome", "worker group restarted on the new node from the last registered checkpoint; "
+                               "weights equal an uninterrupted run's")
+    record_property("steps_lost", 0)
+    record_property("rows_lost", 0)
+    record_property("recover_s", round(recovered_s, 1))
 
 
 def test_an_interrupted_zero3_online_distill_continues_with_resume(shards, tmp_path):
@@ -190,11 +241,11 @@ def test_an_interrupted_zero3_online_distill_continues_with_resume(shards, tmp_p
                                      train + ["distill.teacher_mode=online", "distill.eval_every=0",
                                               "distill.train.augment_shift=2"])   # online: shifts allowed
     cfg = load_config(config, overrides)
-    _teacher_and_probes(cfg)
+    teacher_and_probes(cfg)
 
     # Ray's head processes die with the thread that started them (parent-death signal): start it here.
     start_ray(cfg)
-    thread, outcome = _in_thread(lambda: distill_job.main(cfg))
+    thread, outcome = in_thread(lambda: distill_job.main(cfg))
     _kill_after_checkpoint(tmp_path / "run", rank=0, job=thread, outcome=outcome)
     thread.join(timeout=900)
     assert "failed" in str(outcome.get("error")) and "--resume" in str(outcome.get("error"))

@@ -113,10 +113,12 @@ def check_room_for_data(train: TrainSection, also_reserved: float = 0.0) -> None
 
 
 def scaling(train: TrainSection, device: Device) -> ScalingConfig:
-    """train.num_workers workers of train.cpus_per_worker CPUs each, and on cuda one GPU each."""
+    """train.num_workers workers of train.cpus_per_worker CPUs each, and on cuda one GPU each, placed by
+    train.placement_strategy on nodes carrying train.node_labels."""
     gpu = device == "cuda"
     resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if gpu else {})}
-    return ScalingConfig(num_workers=train.num_workers, use_gpu=gpu, resources_per_worker=resources)
+    return ScalingConfig(num_workers=train.num_workers, use_gpu=gpu, resources_per_worker=resources,
+                         placement_strategy=train.placement_strategy, label_selector=train.node_labels or None)
 
 
 def fit(train_fn: Callable[[dict[str, Any]], None], job: Any, datasets: dict[str, ray.data.Dataset],

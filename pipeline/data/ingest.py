@@ -81,17 +81,20 @@ def in_memory_bytes(footers: list[pq.FileMetaData]) -> int:
 
 
 @contextmanager
-def _footers_read_once() -> Iterator[None]:
-    """Plan reads with the V1 Parquet reader: footers read once here, each pass only runs the read tasks."""
+def _planned_reads() -> Iterator[None]:
+    """Plan reads with the V1 Parquet reader (footers read once here, each pass only runs the read tasks), in the
+    files' order. The dataset keeps a copy of this context: without preserve_order, its cached blocks came out in the
+    order their read tasks finished, so a seeded shuffle over them gave another order of rows (seen on a 3-node
+    cluster, where reads run on several nodes: a resumed run trained on rows its uninterrupted twin never saw)."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    before = ctx.use_datasource_v2
-    ctx.use_datasource_v2 = False
+    before = ctx.use_datasource_v2, ctx.execution_options.preserve_order
+    ctx.use_datasource_v2, ctx.execution_options.preserve_order = False, True
     try:
         yield
     finally:
-        ctx.use_datasource_v2 = before
+        ctx.use_datasource_v2, ctx.execution_options.preserve_order = before
 
 
 def cached_blocks(num_bytes: int, folder: str, cache: bool | None = None) -> int | None:
@@ -118,7 +121,7 @@ def read_parquet(uris: list[str], folder: str, num_blocks: int | None = None) ->
 
     fs, _ = storage.resolve(folder)
     paths = [storage.resolve(uri)[1] for uri in uris]
-    with storage.reaching(folder), _footers_read_once():
+    with storage.reaching(folder), _planned_reads():
         return ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=num_blocks)
 
 

@@ -1,10 +1,11 @@
 """The faults a cluster user meets, and what each cost: a table from the fault tests' own measurements.
 
-Each fault test (tests/test_tracking_outage.py, test_s3_stall.py, test_disk_full.py, test_sweep_faults.py) records
-the fault, what happened, steps and rows lost and the time to recover as JUnit properties. This script runs them
-(or reads the JUnit report of a suite run) and prints the table; --out writes it as Markdown too.
+Each fault test (tests/test_tracking_outage.py, test_s3_stall.py, test_disk_full.py, test_sweep_faults.py and the
+lost-node test of test_fault_tolerance.py) records the fault, what happened, steps and rows lost and the time to
+recover as JUnit properties. This script runs them (or reads the JUnit report of a suite run) and prints the
+table; --out writes it as Markdown too.
 
-    MUJOCO_GL=egl .venv/bin/python bench/faults.py                     # runs the fault tests (~15 min, 2 cores)
+    MUJOCO_GL=egl .venv/bin/python bench/faults.py                     # runs the fault tests (~18 min, 2 cores)
     MUJOCO_GL=egl .venv/bin/python bench/faults.py --junit report.xml  # from `pytest --junitxml=report.xml`
 """
 
@@ -19,7 +20,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FAULT_TESTS = ["tests/test_tracking_outage.py", "tests/test_s3_stall.py", "tests/test_disk_full.py",
-               "tests/test_sweep_faults.py"]
+               "tests/test_sweep_faults.py",
+               "tests/test_fault_tolerance.py::test_a_lost_node_resumes_on_a_new_one_with_no_step_lost_or_repeated"]
 COLUMNS = ("fault", "outcome", "steps_lost", "rows_lost", "recover_s")
 
 

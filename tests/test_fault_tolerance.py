@@ -130,9 +130,10 @@ def reference(shards, tmp_path_factory):
     return folder / "reference", tracking
 
 
-def _assert_resumed_like(reference_dir, run_dir, stopped_at):
+def _assert_resumed_like(reference_dir, run_dir, stopped_at, output="teacher"):
     """One restart from a checkpoint at or before `stopped_at`; exactly STEPS optimizer steps, each once, on the
-    reference's rows; the reference's final weights; keep_checkpoints, and no folder left by a cut-short report."""
+    reference's rows; the reference's final weights (the stage's `output` folder); keep_checkpoints, and no folder
+    left by a cut-short report."""
     reference, resumed = _ledger(_only_run(reference_dir)), _ledger(_only_run(run_dir))
     for rank in (0, 1):
         attempts, kept = _lineage(resumed[rank], STEPS)
@@ -142,8 +143,8 @@ def _assert_resumed_like(reference_dir, run_dir, stopped_at):
         assert [e["step"] for e in kept] == list(range(1, STEPS + 1))
         assert [e["digest"] for e in kept] == [e["digest"] for e in reference[rank]]
     # Optimizer state and LR schedule were restored too: the weights equal the uninterrupted run's.
-    ours = load_file(Path(run_dir) / "teacher" / "model.safetensors")
-    theirs = load_file(Path(reference_dir) / "teacher" / "model.safetensors")
+    ours = load_file(Path(run_dir) / output / "model.safetensors")
+    theirs = load_file(Path(reference_dir) / output / "model.safetensors")
     for name, value in theirs.items():
         torch.testing.assert_close(ours[name], value, atol=1e-5, rtol=1e-4)
     checkpoints = sorted(p for p in _only_run(run_dir).glob("checkpoint_*") if p.is_dir())
@@ -164,6 +165,23 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_with_no_step_lost_or_r
 
 
 TRAIN_NODE = {"actdistill-role": "train"}
+# The distill of the lost-node test: the student of a random teacher with the teacher online (no labels to make).
+DISTILL = _train("distill.train", dict(steps=STEPS, batch_size=8, checkpoint_every=EVERY, keep_checkpoints=2,
+                                       ledger="true", max_failures=1, zero_stage=2, log_every=6)) + [
+    "distill.teacher_mode=online", "distill.eval_every=0"]
+
+
+@pytest.fixture(scope="module")
+def distill_reference(shards, tmp_path_factory):
+    """An uninterrupted distill of DISTILL on a local Ray: what the run that loses a node must equal."""
+    folder = tmp_path_factory.mktemp("distill-reference")
+    tracking = [f"tracking.tracking_uri=sqlite:///{folder / 'mlflow.db'}"]
+    config, overrides = _config_file(folder, folder / "reference", shards, DISTILL + tracking)
+    cfg = load_config(config, overrides)
+    teacher_and_probes(cfg)
+    start_ray(cfg)
+    distill_job.main(cfg)
+    return folder / "reference", tracking
 
 
 @pytest.fixture
@@ -195,17 +213,19 @@ def _alive_train_nodes():
     return sum(1 for n in ray.nodes() if n["Alive"] and n.get("Labels", {}).get("actdistill-role") == "train")
 
 
-def test_a_lost_node_resumes_on_a_new_one_with_no_step_lost_or_repeated(shards, reference, three_nodes, tmp_path,
-                                                                        record_property):
-    """The two training workers sit on different nodes; the raylet of rank 1's node is killed 2 steps past a
-    registered checkpoint (its workers die with it); the run waits for a node, goes on from that checkpoint
+def test_a_lost_node_resumes_on_a_new_one_with_no_step_lost_or_repeated(shards, distill_reference, three_nodes,
+                                                                        tmp_path, record_property):
+    """A distill's two training workers sit on different nodes; the raylet of rank 1's node is killed 2 steps past
+    a registered checkpoint (its workers die with it); the run waits for a node, goes on from that checkpoint
     once one is added, and ends as the uninterrupted run did."""
-    reference_dir, tracking = reference
-    placement = ["teacher.placement_strategy=STRICT_SPREAD", "teacher.node_labels={actdistill-role: train}",
-                 f"run.ray_address={three_nodes.address}"]
-    config, overrides = _config_file(tmp_path, tmp_path / "lost", shards, TEACHER + tracking + placement)
-    start_ray(load_config(config, overrides))    # joins the cluster, in the main thread
-    thread, outcome = in_thread(lambda: teacher_job.main(load_config(config, overrides)))
+    reference_dir, tracking = distill_reference
+    placement = ["distill.train.placement_strategy=STRICT_SPREAD",
+                 "distill.train.node_labels={actdistill-role: train}", f"run.ray_address={three_nodes.address}"]
+    config, overrides = _config_file(tmp_path, tmp_path / "lost", shards, DISTILL + tracking + placement)
+    cfg = load_config(config, overrides)
+    teacher_and_probes(cfg)                      # the reference's teacher: same seed, same weights and hash
+    start_ray(cfg)                               # joins the cluster, in the main thread
+    thread, outcome = in_thread(lambda: distill_job.main(cfg))
     last = _past_checkpoint(tmp_path / "lost", rank=1, job=thread, outcome=outcome)
     rank0 = json.loads((_only_run(tmp_path / "lost") / "ledger" / "rank0.jsonl").read_text().splitlines()[0])
     lost = _node_of(three_nodes, last["pid"])
@@ -222,8 +242,9 @@ def test_a_lost_node_resumes_on_a_new_one_with_no_step_lost_or_repeated(shards, 
     recovered_s = time.time() - lost_at   # from the kill to the restarted group's second step
     thread.join(timeout=900)
     assert "error" not in outcome, outcome.get("error")
-    _assert_resumed_like(reference_dir, tmp_path / "lost", last["step"])
-    record_property("fault", "a worker node lost (its raylet killed) on a 3-node cluster; a node added back")
+    _assert_resumed_like(reference_dir, tmp_path / "lost", last["step"], output="student")
+    record_property("fault", "a distill worker's node lost (its raylet killed) on a 3-node cluster; a node added "
+                             "back")
     record_property("outcome", "worker group restarted on the new node from the last registered checkpoint; "
                                "weights equal an uninterrupted run's")
     record_property("steps_lost", 0)

@@ -39,6 +39,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 from jobs import distill, evaluate  # noqa: E402
 from pipeline.config import PipelineConfig, load_config, with_overrides  # noqa: E402
 from pipeline.evaluate.report import EvaluationReport, Ratios  # noqa: E402
+from pipeline.models.router import evenly_spaced_layers  # noqa: E402
 from pipeline.ray_runtime import start_ray  # noqa: E402
 from pipeline.stages import STAGES, RunPaths, inputs_digest  # noqa: E402
 
@@ -50,9 +51,8 @@ TEACHER_MIN, SUCCESS_DROP, FLOPS_MAX, SPEEDUP_MIN = 0.60, 0.03, 0.50, 1.6
 
 
 def static_layers(fraction: float, num_layers: int) -> list[int]:
-    """round(fraction * L) layers, evenly spaced and ending at the last one: 0.45 of 8 -> [1, 3, 5, 7]."""
-    k = min(num_layers, max(1, round(fraction * num_layers)))
-    return [round((i + 1) * num_layers / k) - 1 for i in range(k)]
+    """The static family's rule (pipeline.models.router.evenly_spaced_layers): 0.45 of 8 -> [1, 3, 5, 7]."""
+    return list(evenly_spaced_layers(fraction, num_layers))
 
 
 def replicate_seeds(seed: int, replicates: int) -> list[int]:
@@ -64,7 +64,7 @@ def ablations(student_fraction: float, num_layers: int) -> dict[str, dict[str, A
     """name -> dotted overrides of the pipeline config."""
     return {
         "no-graph": {"distill.objective": "action_regression"},
-        "static": {"router.static_layers": static_layers(student_fraction, num_layers)},
+        "static": {"distill.family": "static", "router.static_layers": static_layers(student_fraction, num_layers)},
         "no-budget": {"distill.budget_weight": 0.0},
     }
 

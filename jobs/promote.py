@@ -41,7 +41,8 @@ def candidates(cfg: PipelineConfig) -> tuple[list[TrialResult], float, TeacherEp
     own = TrialResult(trial="distill", params={"router.budget": cfg.router.budget}, student_uri=str(paths.student),
                       success=student.success, compute_ratio=student.executed_fraction,
                       action_mse_norm=student.action_mse_norm, latency_ms_median=student.latency_ms_median,
-                      episodes_per_task=episodes.per_task, eval_seed=episodes.first_seed)
+                      episodes_per_task=episodes.per_task, eval_seed=episodes.first_seed,
+                      family=cfg.distill.family, ci95=student.ci95)
     return [own, *sweep.trials], teacher.success, episodes
 
 
@@ -67,7 +68,7 @@ def reevaluated(cfg: PipelineConfig, candidate: TrialResult, teacher: TeacherEpi
     return candidate.model_copy(update={
         "success": block.success, "compute_ratio": block.executed_fraction,
         "action_mse_norm": block.action_mse_norm, "latency_ms_median": block.latency_ms_median,
-        "episodes_per_task": teacher.per_task, "eval_seed": teacher.first_seed, **sweep})
+        "episodes_per_task": teacher.per_task, "eval_seed": teacher.first_seed, "ci95": block.ci95, **sweep})
 
 
 def confirmed(cfg: PipelineConfig, shortlist: list[TrialResult], gate: Gate, teacher: TeacherEpisodes
@@ -102,7 +103,7 @@ def evidence(best: TrialResult, teacher_success: float, teacher_episodes: int) -
             "episodes_per_task": best.episodes_per_task, "teacher_episodes_per_task": teacher_episodes,
             "student_hash": card.hash, "teacher_hash": card.teacher_hash,
             "teacher_run_id": _teacher_run_id(card.teacher_hash), "data_content_hash": card.data_content_hash,
-            "config_digest": card.config_digest, "source": best.trial,
+            "config_digest": card.config_digest, "source": best.trial, "family": best.family,
             "params": json.dumps(best.params, sort_keys=True)}
     tags.update({k: extra[k] for k in ("sweep_success", "sweep_compute_ratio", "sweep_episodes_per_task")
                  if k in extra})
@@ -112,7 +113,7 @@ def evidence(best: TrialResult, teacher_success: float, teacher_episodes: int) -
 def main(cfg: PipelineConfig) -> Registration | None:
     pool, teacher_success, teacher = candidates(cfg)
     gate = Gate(teacher_success, cfg.promote.success_delta, cfg.promote.compute_budget)
-    shortlist = ranked_passing(pool, gate)[:cfg.promote.reevaluate_top]
+    shortlist = ranked_passing(pool, gate, cfg.promote.prefer)[:cfg.promote.reevaluate_top]
     if any(not on_teachers_episodes(c, teacher) for c in shortlist):
         start_ray(cfg)   # closed-loop re-evaluation runs on Ray actors
     with stage_run(cfg, "promote"):
@@ -124,7 +125,7 @@ def main(cfg: PipelineConfig) -> Registration | None:
             return None
         tags = evidence(best, teacher_success, teacher.per_task)
         version = find_or_register(cfg.promote.model_name, best, tags, cfg.tracking.outage_limit_s)
-        registered = set_aliases(cfg.promote.model_name, version)
+        registered = set_aliases(cfg.promote.model_name, version, cfg.promote.prefer)
         mlflow.set_tags({"model_name": registered.name, "model_version": registered.version,
                          "challenger": registered.challenger, "champion": registered.champion})
     print(f"registered model {registered.name}: version {registered.version} "

@@ -24,7 +24,8 @@ def teacher_reference(paths: RunPaths) -> TeacherPoint | None:
         report = EvaluationReport.read(stage("evaluate").require(paths))
     except FileNotFoundError:
         return None
-    return TeacherPoint(success=report.policies["teacher"].success)
+    teacher = report.policies["teacher"]
+    return TeacherPoint(success=teacher.success, ci95=teacher.ci95)
 
 
 def main(cfg: PipelineConfig) -> SweepSummary:
@@ -47,12 +48,12 @@ def main(cfg: PipelineConfig) -> SweepSummary:
         summary = SweepSummary(space=cfg.sweep.space, trials=trials, stopped_early=stopped,
                                frontier=[t.trial for t in front], teacher=teacher_reference(paths), failed=failed)
         (folder / "trials.json").write_text(summary.to_json())
-        (folder / "frontier.md").write_text(frontier_table(trials, front) + "\n")
+        (folder / "frontier.md").write_text(frontier_table(trials, front, summary.teacher) + "\n")
         frontier_plot(trials, front, summary.teacher, folder / "frontier.png")
         for name in ("trials.json", "frontier.md", "frontier.png"):
             mlflow.log_artifact(str(folder / name))
         mlflow.log_metrics({"trials": len(trials), "stopped_early": stopped, "frontier_size": len(front)})
-    print(frontier_table(trials, front))
+    print(frontier_table(trials, front, summary.teacher))
     return summary
 
 

@@ -187,13 +187,17 @@ class RouterSection(_Section):
     anneal_to: float = Field(0.05, gt=0.0, le=1.0,
                              description="final gate temperature when gate=annealed (1 -> this), e.g. 0.05")
     hidden: int = Field(32, ge=4, description="router feature width, e.g. 32")
+    calibrate_episodes: int = Field(
+        0, ge=0, description="closed-loop episodes per task on which a routed student's threshold is calibrated "
+                             "after distill, so it runs `budget` of its layers on its own trajectories (3 rollouts "
+                             "on seeds apart from evaluation's), e.g. 3; 0: keep router.threshold")
     lr: float | None = Field(
         None, gt=0, le=1.0, description="the router's peak learning rate, e.g. 3e-4, when the student's layers "
                                         "(taken from a converged teacher) train at a lower distill.train.lr; "
                                         "null: distill.train.lr for the router too")
     static_layers: list[int] | None = Field(
-        None, description="instead of a learned router, always run these decoder layers (0-based): the static "
-                          "layer-dropping baseline of bench/headline.py, e.g. [1, 3, 5, 7]; null for a router")
+        None, description="the layers a static or shallow student (distill.family) runs, 0-based, e.g. [1, 3, 5, 7]; "
+                          "null: round(budget x layers) of them, evenly spaced and ending at the last")
 
 
 class DistillSection(_Section):
@@ -209,6 +213,12 @@ class DistillSection(_Section):
         "actdistill", description="actdistill (graph-structured per-layer alignment, docs/method.md) or "
                                   "action_regression (ablation: only the final action, regressed to the expert's "
                                   "and the teacher's, plus the budget term)")
+    family: Literal["routed", "static", "shallow"] = Field(
+        "routed", description="routed (a learned router picks the layers per input), static (a fixed set of "
+                              "layers, router.static_layers or round(router.budget x L) evenly spaced, trained with "
+                              "distill.objective) or shallow (the same fixed layers as a dense shallower stack, "
+                              "distilled Shallow-pi-like: task + teacher action + feature alignment at each kept "
+                              "layer; distill.objective does not apply)")
     teacher_mode: Literal["cached", "online"] = Field(
         "cached", description="cached (teacher targets from probe-teacher's labelled shards) or online (the "
                               "frozen teacher runs inside each step; partitioned with the student under ZeRO-3)")
@@ -250,6 +260,10 @@ class PromoteSection(_Section):
     model_name: str = Field("actdistill-student", min_length=1, description="registered model name")
     success_delta: float = Field(0.05, ge=0, le=1, description="allowed success drop vs teacher, in [0, 1]")
     compute_budget: float = Field(0.9, gt=0, le=1, description="max student/teacher backbone FLOPs, (0, 1]")
+    prefer: Literal["success", "compute"] = Field(
+        "success", description="which passing student promote picks: success (the highest success, then the least "
+                               "compute) or compute (the least compute, then the simplest family to serve: shallow, "
+                               "static, routed; then success)")
     reevaluate_top: int = Field(
         2, ge=1, description="how many of the best sweep students (by their sweep figures) are re-evaluated on "
                              "the teacher's episodes and seeds, best first, until one passes the gate, e.g. 2")
@@ -329,6 +343,9 @@ def _cross_checks(cfg: PipelineConfig) -> list[str]:
                                or not all(0 <= i < m.num_layers for i in static)):
         problems.append(f"router.static_layers={static}: needs distinct layer indices in [0, {m.num_layers - 1}] "
                         f"(model.num_layers={m.num_layers}), e.g. [1, 3, 5, 7]; or null for a learned router")
+    if static is not None and cfg.distill.family == "routed":
+        problems.append(f"router.static_layers={static}: a fixed set of layers is a static or shallow student; set "
+                        f"distill.family=static (or shallow), or static_layers=null for a learned router")
     if cfg.distill.train.augment_shift and cfg.distill.teacher_mode == "cached":
         problems.append(f"distill.train.augment_shift={cfg.distill.train.augment_shift}: cached teacher targets "
                         f"belong to the unshifted images; set distill.teacher_mode=online (the teacher labels "

@@ -87,7 +87,11 @@ def test_demo_config_and_ablation_keys_are_checked():
     assert "router.static_layers=[0, 9]: needs distinct layer indices in [0, 3]" in message
     assert "distill.train.augment_shift=4: cached teacher targets belong to the unshifted images" in message
     assert "model.vision_stem=mlp needs a multiple of 4" in message
-    ok = load_config(SMOKE, ["router.static_layers=[1,3]", "distill.objective=action_regression",
+    with pytest.raises(ConfigError, match=r"router.static_layers=\[1, 3\]: a fixed set of layers is a static or "
+                                          r"shallow student; set distill.family=static"):
+        load_config(SMOKE, ["router.static_layers=[1,3]"])
+    ok = load_config(SMOKE, ["router.static_layers=[1,3]", "distill.family=static",
+                             "distill.objective=action_regression",
                              "distill.teacher_mode=online", "distill.train.augment_shift=4"])
     assert ok.router.static_layers == [1, 3] and ok.distill.objective == "action_regression"
     assert ok.distill.train.augment_shift == 4   # online: the teacher labels the shifted images

@@ -13,7 +13,7 @@ def test_static_ablation_runs_the_students_share_of_layers_evenly_spaced_ending_
     assert static_layers(0.45, 8) == [1, 3, 5, 7]
     assert static_layers(0.38, 8) == [2, 4, 7]
     assert static_layers(0.01, 8) == [7] and static_layers(1.0, 8) == list(range(8))
-    assert ablations(0.5, 8)["static"] == {"router.static_layers": [1, 3, 5, 7]}
+    assert ablations(0.5, 8)["static"] == {"distill.family": "static", "router.static_layers": [1, 3, 5, 7]}
 
 
 def _block(success, executed, backbone):

@@ -78,7 +78,8 @@ def run_folder(tmp_path):
     shards = tmp_path / "shards"
     write_expert_shards(str(shards))
     space = tmp_path / "space.yaml"
-    space.write_text("router.budget: {grid: [0.3, 0.6]}\n")
+    # Two families at the config's budget (0.5 of 2 layers): the shallow one starts first and is the recovered trial.
+    space.write_text("distill.family: {grid: [shallow, routed]}\n")
     cfg = load_config(SMOKE, TINY + [
         "data.val_fraction=0.25", f"run.run_dir={tmp_path / 'run'}", f"data.shards_uri={shards}",
         f"sweep.space={space}",
@@ -110,7 +111,10 @@ def test_a_crashed_trial_restarts_from_its_checkpoint_and_one_that_keeps_crashin
     assert [t.trial for t in summary.trials] == [recovered] and summary.frontier == [recovered]
     assert SweepSummary.read(RunPaths.of(cfg).sweep / "trials.json").trials == summary.trials
     assert len(summary.failed) == 1 and "failed" in summary.failed[0].error
-    assert summary.failed[0].params["router.budget"] != summary.trials[0].params["router.budget"]
+    assert summary.failed[0].params == {"distill.family": "routed"}
+    # The shallow student runs the last of the 2 layers, exactly: compute 0.5 on every closed-loop call.
+    assert summary.trials[0].family == "shallow" and summary.trials[0].compute_ratio == 0.5
+    assert " | shallow | distill.family=shallow | 0.50 | " in (RunPaths.of(cfg).sweep / "frontier.md").read_text()
 
     # The recovered trial's distill went on from its own checkpoint: every optimizer step once.
     (ledger,) = (RunPaths.of(cfg).sweep / recovered).glob("ray/*/ledger/rank0.jsonl")

@@ -35,6 +35,7 @@ from pipeline.models.checkpoint import (
     read_probes_config,
 )
 from pipeline.models.graph import ProbeSet
+from pipeline.models.router import evenly_spaced_layers
 from pipeline.models.student import DistillModule, student_config
 from pipeline.models.vla import VLA, VLAConfig
 from pipeline.ray_runtime import is_local
@@ -125,6 +126,16 @@ def _idle_inputs(student: VLA, image_shape: tuple[int, int, int],
             torch.zeros(1, student.cfg.proprio_dim, dtype=dtype, device=device))
 
 
+def fixed_layers(router: RouterSection, distill: DistillSection, num_layers: int) -> tuple[int, ...] | None:
+    """The layers a static or shallow student always runs (router.static_layers, else the evenly spaced rule at
+    router.budget); None for a routed student."""
+    if distill.family == "routed":
+        return None
+    if router.static_layers:
+        return tuple(router.static_layers)
+    return evenly_spaced_layers(router.budget, num_layers)
+
+
 def _student_objective(job: StudentJob, device: torch.device) -> tuple[StudentObjective, PolicyCard]:
     """Student = teacher weights + router + stage-1 probes; online mode adds frozen copies of both (the labellers
     of stage 1). Built in the training plane's context (partitioned as constructed under ZeRO-3, the frozen copies
@@ -132,7 +143,7 @@ def _student_objective(job: StudentJob, device: torch.device) -> tuple[StudentOb
     teacher_card = read_policy_config(job.teacher_uri)
     teacher_cfg = VLAConfig(**teacher_card.vla)
     dims = read_probes_config(job.probes_uri)["dims"]
-    static = tuple(job.router.static_layers) if job.router.static_layers else None
+    static = fixed_layers(job.router, job.distill, teacher_cfg.num_layers)
     online = job.distill.teacher_mode == "online"
     with building(job.distill.train, device, teacher_cfg.hidden_size):
         module = DistillModule(VLA(student_config(teacher_cfg, job.router.hidden, static)), ProbeSet(**dims))
@@ -144,8 +155,10 @@ def _student_objective(job: StudentJob, device: torch.device) -> tuple[StudentOb
         if objective.teacher is not None and objective.teacher_probes is not None:
             load_exactly(objective.teacher, weights)
             load_exactly(objective.teacher_probes, probes)
-    if job.distill.objective == "action_regression":
-        module.probes.requires_grad_(False)   # no per-layer terms: the probes get no gradient and are not exported
+    if job.distill.objective == "action_regression" or job.distill.family == "shallow":
+        # No per-layer ActDistill terms: the probes get no gradient and are not exported (the shallow family reads
+        # features through them as the teacher's fixed feature maps).
+        module.probes.requires_grad_(False)
     return objective, teacher_card
 
 

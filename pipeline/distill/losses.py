@@ -116,6 +116,21 @@ def regression_loss(task: torch.Tensor, teacher: torch.Tensor, gates: torch.Tens
                    "budget": float(budget.detach()), "total": float(total.detach())}
 
 
+def shallow_loss(task: torch.Tensor, teacher: torch.Tensor, sem_s: torch.Tensor, sem_t: torch.Tensor,
+                 layers: tuple[int, ...], w: LossWeights) -> tuple[torch.Tensor, dict[str, float]]:
+    """The shallow baseline (Shallow-pi-like knowledge distillation of a dense stack of K teacher layers):
+    L = task + teacher + alpha * mean_k (1 - cos(s^S_{i_k}, s^T_{i_k})).
+
+    The student's k-th layer is the teacher's layer i_k; its output is aligned with the teacher's output of that
+    layer, read through the teacher's frozen stage-1 probes (cached labels hold those features, not hidden
+    states). No graph structure, per-layer action or budget terms: the compute is fixed by the layers kept.
+    """
+    feature = torch.stack([align_loss(sem_s[i], sem_t[i]) for i in layers]).mean()
+    total = task + teacher + w.alpha * feature
+    return total, {"task": float(task.detach()), "teacher_action": float(teacher.detach()),
+                   "align": float(feature.detach()), "total": float(total.detach())}
+
+
 def _router_terms(gates: torch.Tensor, w: LossWeights) -> tuple[torch.Tensor, torch.Tensor]:
     """budget_weight * budget (+ balance_weight * balance), and the budget term alone for logging."""
     budget = budget_loss(gates, w.budget, w.budget_per_input)

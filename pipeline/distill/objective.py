@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pipeline.config import DistillSection, RouterSection
-from pipeline.distill.losses import LossWeights, distill_loss, regression_loss
+from pipeline.distill.losses import LossWeights, distill_loss, regression_loss, shallow_loss
 from pipeline.models.action_head import action_task_loss
 from pipeline.models.graph import ProbeSet
 from pipeline.models.router import anneal_temperature, budget_gates, forward_mode
@@ -65,7 +65,13 @@ class StudentObjective(nn.Module):
             targets = self.online_targets(images, instructions, proprio)
         mode = forward_mode(gate)
         head = self.distill.student.action_head
-        if self.settings.objective == "action_regression":
+        if self.settings.family == "shallow":
+            out, sem_s, _ = self.distill(images, instructions, proprio, mode, threshold, temperature)
+            task = action_task_loss(head, out.actions, out.action_logits, actions)
+            teacher = action_task_loss(head, out.actions, out.action_logits, targets.action, "teacher_action")
+            loss, parts = shallow_loss(task.loss, teacher.loss, sem_s.float(), targets.sem,
+                                       self.distill.student.cfg.static_layers or (), self.weights)
+        elif self.settings.objective == "action_regression":
             out = self.distill.student(images, instructions, proprio, mode=mode, threshold=threshold,
                                        temperature=temperature)
             task = action_task_loss(head, out.actions, out.action_logits, actions)

@@ -64,6 +64,14 @@ class Router(nn.Module):
         return torch.sigmoid(self.out(feats) / temperature)
 
 
+def evenly_spaced_layers(fraction: float, num_layers: int) -> tuple[int, ...]:
+    """The fixed layers of a static or shallow student at a budget: round(fraction * L) of them (at least one),
+    evenly spaced and ending at the last layer, so layer k closes the k-th of K equal segments of the teacher:
+    0.5 of 8 -> (1, 3, 5, 7), 0.375 of 8 -> (2, 4, 7), 0.25 of 8 -> (3, 7)."""
+    k = min(num_layers, max(1, round(fraction * num_layers)))
+    return tuple(round((i + 1) * num_layers / k) - 1 for i in range(k))
+
+
 class StaticRouter(nn.Module):
     """The same gates for every input: run exactly `layers` (static layer dropping; costs no FLOPs)."""
 

@@ -44,18 +44,27 @@ class Registration:
     champion: str
 
 
-def rank_key(success: float, compute_ratio: float, action_mse_norm: float) -> tuple[float, float, float]:
-    """Higher success first, then less compute, then lower held-out action error."""
+# The families from simplest to serve to most involved (a dense stack, a fixed subset, a router): the tie-break when
+# promote.prefer=compute finds students of equal compute.
+FAMILY_ORDER = {"shallow": 0, "static": 1, "routed": 2}
+
+
+def rank_key(success: float, compute_ratio: float, action_mse_norm: float, family: str = "routed",
+             prefer: str = "success") -> tuple[float, ...]:
+    """prefer=success: higher success first, then less compute, then lower held-out action error.
+    prefer=compute: less compute first, then the simpler family, then higher success and lower error."""
+    if prefer == "compute":
+        return (compute_ratio, FAMILY_ORDER.get(family, len(FAMILY_ORDER)), -success, action_mse_norm)
     return (-success, compute_ratio, action_mse_norm)
 
 
-def _candidate_key(candidate: TrialResult) -> tuple[float, float, float]:
-    return rank_key(candidate.success, candidate.compute_ratio, candidate.action_mse_norm)
+def _candidate_key(candidate: TrialResult, prefer: str) -> tuple[float, ...]:
+    return rank_key(candidate.success, candidate.compute_ratio, candidate.action_mse_norm, candidate.family, prefer)
 
 
-def ranked_passing(candidates: list[TrialResult], gate: Gate) -> list[TrialResult]:
-    """The candidates that pass the gate on their own figures, best first."""
-    return sorted((c for c in candidates if gate.passes(c)), key=_candidate_key)
+def ranked_passing(candidates: list[TrialResult], gate: Gate, prefer: str = "success") -> list[TrialResult]:
+    """The candidates that pass the gate on their own figures, best first by promote.prefer."""
+    return sorted((c for c in candidates if gate.passes(c)), key=lambda c: _candidate_key(c, prefer))
 
 
 def _alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
@@ -121,23 +130,25 @@ def find_or_register(name: str, candidate: TrialResult, evidence: dict[str, str]
             time.sleep(retry_s)
 
 
-def beats(challenger: Any, champion: Any | None) -> bool:
+def beats(challenger: Any, champion: Any | None, prefer: str = "success") -> bool:
     if champion is None:
         return True
-    return _version_key(challenger) < _version_key(champion)
+    return _version_key(challenger, prefer) < _version_key(champion, prefer)
 
 
-def _version_key(version: Any) -> tuple[float, float, float]:
-    """The rank of a registered version, from the evidence tags it was registered with."""
-    return rank_key(*(float(version.tags[k]) for k in ("success", "compute_ratio", "action_mse_norm")))
+def _version_key(version: Any, prefer: str) -> tuple[float, ...]:
+    """The rank of a registered version, from the evidence tags it was registered with (versions registered
+    before the family tag existed were routed students)."""
+    figures = (float(version.tags[k]) for k in ("success", "compute_ratio", "action_mse_norm"))
+    return rank_key(*figures, family=version.tags.get("family", "routed"), prefer=prefer)
 
 
-def set_aliases(name: str, version: Any) -> Registration:
+def set_aliases(name: str, version: Any, prefer: str = "success") -> Registration:
     """challenger -> this version; champion moves only if it beats the current champion."""
     client = MlflowClient()
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     champion = _alias_version(client, name, CHAMPION)
-    if champion is None or (champion.version != version.version and beats(version, champion)):
+    if champion is None or (champion.version != version.version and beats(version, champion, prefer)):
         client.set_registered_model_alias(name, CHAMPION, version.version)
         log.info("version %s of %s is now %s", version.version, name, CHAMPION)
     final = _alias_version(client, name, CHAMPION)

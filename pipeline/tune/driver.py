@@ -12,6 +12,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipeline.config import PipelineConfig, with_overrides
 from pipeline.data import storage
+from pipeline.distill.calibrate import calibrated
 from pipeline.distill.fit import fit_student
 from pipeline.evaluate.suite import evaluate_policies
 from pipeline.stages import RunPaths
@@ -51,6 +52,7 @@ def trial_fn_per_trial(params: dict[str, Any], base: dict[str, Any], parent_run_
         except Exception as exc:
             mlflow.set_tag("error", str(exc)[:4000])   # what the MLflow UI shows of this attempt
             raise
+        calibrated(cfg, result.student_uri)   # router.calibrate_episodes > 0: the closed-loop threshold
         report = evaluate_policies(cfg, {"student": result.student_uri}, cfg.sweep.eval_episodes_per_task)
         block = report.policies["student"]
         # val_action_mse here is the same held-out, hard-gated measure the workers reported during the fit.
@@ -60,8 +62,8 @@ def trial_fn_per_trial(params: dict[str, Any], base: dict[str, Any], parent_run_
                    **{f"train_{k}": v for k, v in result.metrics.items()}}
         mlflow.log_metrics(metrics)
         (folder / "report.json").write_text(report.to_json())
-        tune.report({**metrics, "trial": trial, "student_uri": result.student_uri,
-                     "mlflow_run_id": run.info.run_id})
+        tune.report({**metrics, "trial": trial, "student_uri": result.student_uri, "family": cfg.distill.family,
+                     "ci95": list(block.ci95), "mlflow_run_id": run.info.run_id})
 
 
 def scheduler(cfg: PipelineConfig) -> Any:
@@ -122,8 +124,9 @@ def run_trials(cfg: PipelineConfig, space: dict[str, Any], parent_run_id: str
         trials.append(TrialResult(trial=m["trial"], params=params, student_uri=m["student_uri"],
                                   mlflow_run_id=m["mlflow_run_id"], success=m["success"],
                                   compute_ratio=m["compute_ratio"], action_mse_norm=m["action_mse_norm"],
-                                  latency_ms_median=m["latency_ms_median"],
-                                  episodes_per_task=cfg.sweep.eval_episodes_per_task, eval_seed=cfg.evaluate.seed))
+                                  latency_ms_median=m["latency_ms_median"], family=m["family"],
+                                  ci95=tuple(m["ci95"]), episodes_per_task=cfg.sweep.eval_episodes_per_task,
+                                  eval_seed=cfg.evaluate.seed))
     _close_stopped_runs(parent_run_id, stopped_ids)
     return trials, len(stopped_ids), failed
 

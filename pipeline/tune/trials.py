@@ -22,6 +22,8 @@ class TrialResult(BaseModel):
     latency_ms_median: float | None = None   # batch-1
     mlflow_run_id: str | None = None
     episodes_per_task: int | None = None     # closed-loop episodes per task behind `success` (None: not recorded)
+    family: str = "routed"                   # distill.family: routed, static or shallow
+    ci95: tuple[float, float] | None = None  # Wilson 95% interval of `success` (None: not recorded)
     eval_seed: int | None = None             # the first of their seeds (evaluate.seed, then one up per episode)
 
 
@@ -35,6 +37,7 @@ class FailedTrial(BaseModel):
 class TeacherPoint(BaseModel):
     success: float
     compute_ratio: float = 1.0
+    ci95: tuple[float, float] | None = None
 
 
 class SweepSummary(BaseModel):

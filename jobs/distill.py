@@ -8,6 +8,7 @@ import mlflow
 
 from pipeline.cli import run_cli
 from pipeline.config import PipelineConfig
+from pipeline.distill.calibrate import calibrated
 from pipeline.distill.fit import DistillResult, fit_student
 from pipeline.ray_runtime import start_ray
 from pipeline.stages import RunPaths
@@ -26,6 +27,7 @@ def main(cfg: PipelineConfig, student_uri: str | None = None, run_name: str = "d
         result = fit_student(cfg, Tracking.of(cfg, run.info.run_id),
                              student_uri or str(RunPaths.of(cfg).student), ray_run)
         mlflow.log_metrics(result.metrics)
+        calibrated(cfg, result.student_uri)   # router.calibrate_episodes > 0: the closed-loop threshold
         mlflow.set_tags({"student_uri": result.student_uri, "teacher_hash": result.teacher_hash,
                          "ray_run_name": ray_run.name})
     return result

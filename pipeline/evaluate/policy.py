@@ -12,8 +12,9 @@ from pipeline.models.checkpoint import load_policy
 
 
 class PolicyStep(NamedTuple):
-    actions: np.ndarray    # B x A, raw units
-    executed: np.ndarray   # B x L, 1 where the decoder layer ran for that row
+    actions: np.ndarray              # B x A, raw units
+    executed: np.ndarray             # B x L, 1 where the decoder layer ran for that row
+    gates: np.ndarray | None = None  # B x L, a routed student's gate values (a layer runs iff gate >= threshold)
 
 
 class Policy:
@@ -53,4 +54,5 @@ class Policy:
         p = self.normalizer.norm_proprio(torch.from_numpy(np.array(proprio, dtype=np.float32)).to(self.device))
         out = self.model(x, list(instructions), p, mode=self.mode, threshold=self.threshold)
         # .cpu() returns the same tensor on cpu, so the CPU path gives what it always gave.
-        return PolicyStep(self.normalizer.denorm_action(out.actions).cpu().numpy(), out.executed.cpu().numpy())
+        gates = out.gates.float().cpu().numpy() if out.gates is not None and self.routed else None
+        return PolicyStep(self.normalizer.denorm_action(out.actions).cpu().numpy(), out.executed.cpu().numpy(), gates)

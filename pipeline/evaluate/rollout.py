@@ -52,6 +52,7 @@ class EpisodeResult:
     layer_counts: list[int]           # per decoder layer, the calls of this episode that ran it
     layers_per_call: list[int]        # per call, the decoder layers it ran
     recorded: list[RecordedCall]      # up to SAMPLES_PER_EPISODE of its calls, for the latency measurement
+    gates: np.ndarray | None = None   # steps x L router gate values of a routed student (its calibration reads them)
 
     @property
     def executed_fraction(self) -> float:
@@ -71,6 +72,7 @@ class _Running:
     obs: Any
     steps: int = 0
     executed: list[np.ndarray] = field(default_factory=list)
+    gates: list[np.ndarray] = field(default_factory=list)
     recorded: list[RecordedCall] = field(default_factory=list)
     rng: np.random.Generator | None = None
 
@@ -90,8 +92,9 @@ class _Running:
 
     def result(self, success: bool) -> EpisodeResult:
         flags = np.stack(self.executed) > 0.5   # steps x L; an episode ends after at least one step
+        gates = np.stack(self.gates).astype(np.float32) if self.gates else None   # 4 bytes x L per call
         return EpisodeResult(self.spec.policy, self.spec.task, self.spec.seed, success, self.steps,
-                             flags.sum(0).tolist(), flags.sum(1).tolist(), self.recorded)
+                             flags.sum(0).tolist(), flags.sum(1).tolist(), self.recorded, gates)
 
 
 @ray.remote(num_cpus=1)
@@ -132,11 +135,14 @@ class RolloutWorker:
                                    [r.env.instruction for r in running],
                                    np.stack([r.obs.proprio for r in running]))
                 still = []
-                for r, action, flags in zip(running, step.actions, step.executed):
+                gates = step.gates if step.gates is not None else [None] * len(running)
+                for r, action, flags, gate in zip(running, step.actions, step.executed, gates):
                     r.record(flags)
                     r.obs, success = r.env.step(action)
                     r.steps += 1
                     r.executed.append(flags)
+                    if gate is not None:
+                        r.gates.append(gate)
                     if success or r.steps >= self.max_steps:
                         r.env.close()
                         yield r.result(success)

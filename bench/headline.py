@@ -78,9 +78,9 @@ class Stages:
     are those it ran with is skipped and its earlier time (from the run folder) is reported instead, until
     one stage runs: every later stage then runs too (its inputs changed)."""
 
-    def __init__(self, cfg: PipelineConfig, reuse: bool) -> None:
+    def __init__(self, cfg: PipelineConfig, reuse: bool, state: str = STATE) -> None:
         self.reuse = reuse
-        self.path = RunPaths.of(cfg).root / STATE
+        self.path = RunPaths.of(cfg).root / state
         self.state: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.seconds: dict[str, float] = self.state.setdefault("seconds", {})
         self.digests: dict[str, str] = self.state.setdefault("digests", {})

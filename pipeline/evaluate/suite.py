@@ -55,27 +55,30 @@ def timed_step(policy: Policy, call: tuple[np.ndarray, list[str], np.ndarray]) -
 
 
 def paired_latency(policies: dict[str, Policy], inputs: dict[str, list[RecordedCall]], calls: int,
-                   threads: int = 1) -> dict[str, dict[str, float]]:
-    """Batch-1 latency of each policy on observations from its own closed-loop episodes, calls interleaved
-    across policies so machine noise hits all of them alike.
+                   threads: int = 1, batch: int = 1) -> dict[str, dict[str, float]]:
+    """Latency of each policy at `batch` rows per call (1: a controller's call) on observations from its own
+    closed-loop episodes, calls interleaved across policies so machine noise hits all of them alike.
 
-    Call i feeds policy p its input i (cycling): a routed student's cost depends on its input, so it is timed
-    on the inputs its closed-loop compute figures come from, and the layers those very calls ran are reported
-    beside the time (latency_executed_fraction)."""
-    def args(call: RecordedCall) -> tuple[np.ndarray, list[str], np.ndarray]:
-        return call.image[None], [call.instruction], call.proprio[None]
+    Call i feeds policy p its inputs i*batch .. i*batch+batch-1 (cycling): a routed student's cost depends on its
+    input, so it is timed on the inputs its closed-loop compute figures come from, and the layers those very calls
+    ran are reported beside the time (latency_executed_fraction)."""
+    def args(name: str, i: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+        own = inputs[name]
+        rows = [own[(i * batch + j) % len(own)] for j in range(batch)]
+        return (np.stack([r.image for r in rows]), [r.instruction for r in rows],
+                np.stack([r.proprio for r in rows]))
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for name, policy in policies.items():
             for i in range(3):
-                policy.act(*args(inputs[name][i % len(inputs[name])]))
+                policy.act(*args(name, i))
         times: dict[str, list[float]] = {name: [] for name in policies}
         layers: dict[str, list[float]] = {name: [] for name in policies}
         for i in range(calls):
             for name, policy in policies.items():
-                step, ms = timed_step(policy, args(inputs[name][i % len(inputs[name])]))
+                step, ms = timed_step(policy, args(name, i))
                 times[name].append(ms)
                 layers[name].append(float(step.executed.mean()))
     finally:

@@ -76,7 +76,7 @@ def frontier_plot(trials: list[TrialResult], front: list[TrialResult], teacher: 
     ax.set_ylabel("closed-loop success (95% CI)")
     ax.set_xlim(0, 1.05)
     ax.set_ylim(-0.05, 1.05)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

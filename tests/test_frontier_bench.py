@@ -1,0 +1,52 @@
+"""bench/frontier.py: which students the study trains, how a family's seeds are pooled, and the verdict."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.frontier import BUDGETS, SEEDS, family_rows, students, verdict  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.evaluate.metrics import wilson_interval  # noqa: E402
+from pipeline.evaluate.report import PolicyReport  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _block(success, executed, episodes=100, backbone=None):
+    return PolicyReport(success=success, episodes=episodes, ci95=wilson_interval(round(success * episodes), episodes),
+                        per_task={}, executed_fraction=executed, layer_frequency=[executed] * 8,
+                        flops={"backbone": backbone if backbone is not None else executed, "total": 1.0},
+                        action_mse_norm=0.1, action_mse_raw=0.1, heldout_rows=10.0, latency_ms_median=1.0,
+                        latency_ms_p90=1.0)
+
+
+def test_the_study_trains_three_routed_and_two_of_each_baseline_per_budget():
+    cfg = load_config(REPO / "jobs/configs/frontier.yaml")
+    made = students(cfg, BUDGETS, SEEDS)
+    assert len(made) == 2 * (3 + 2 + 2) and len(cfg.collect.tasks) == 10
+    assert made["routed-0.25-s2"] == {"distill.family": "routed", "router.budget": 0.25, "run.seed": 2}
+    assert {o["distill.family"] for n, o in made.items() if n.endswith("-s2")} == {"routed"}
+    assert cfg.evaluate.episodes_per_task >= 50 and cfg.router.calibrate_episodes > 0
+
+
+def test_a_familys_seeds_pool_their_episodes_and_the_verdict_needs_a_clear_gap():
+    teacher = _block(0.80, 1.0)
+    made = {"routed-0.25-s0": {"distill.family": "routed", "router.budget": 0.25},
+            "routed-0.25-s1": {"distill.family": "routed", "router.budget": 0.25},
+            "static-0.25-s0": {"distill.family": "static", "router.budget": 0.25},
+            "shallow-0.25-s0": {"distill.family": "shallow", "router.budget": 0.25}}
+    blocks = {"routed-0.25-s0": _block(0.80, 0.26), "routed-0.25-s1": _block(0.78, 0.24),
+              "static-0.25-s0": _block(0.60, 0.25), "shallow-0.25-s0": _block(0.75, 0.25)}
+    rows = {r["family"]: r for r in family_rows(made, blocks, teacher)}
+    assert rows["routed"]["success"] == pytest.approx(0.79) and rows["routed"]["episodes"] == 200
+    assert rows["routed"]["ci95"] == wilson_interval(158, 200) and rows["routed"]["executed_fraction"] == 0.25
+    assert rows["routed"]["backbone_flops_ratio"] == pytest.approx(0.25)
+    checks = verdict(list(rows.values()), teacher)
+    assert checks["budget 0.25: routed within 3 pts of the teacher"]["ok"]
+    assert checks["budget 0.25: routed backbone FLOPs <= 30%"]["ok"]
+    assert checks["budget 0.25: routed >= static + 5 pts, intervals apart"]["ok"]          # 0.79 vs 0.60
+    assert not checks["budget 0.25: routed >= shallow + 5 pts, intervals apart"]["ok"]     # 0.79 vs 0.75
+    assert checks["budget 0.25: routed runs its budget in closed loop (+-0.03)"]["ok"]

@@ -111,7 +111,7 @@ def family_rows(made: dict[str, dict[str, Any]], blocks: dict[str, PolicyReport]
             if not names:
                 continue
             success, ci95, episodes = pooled([blocks[n] for n in names])
-            rows.append({"budget": budget, "family": family, "seeds": len(names), "success": success,
+            rows.append({"budget": budget, "family": family, "names": names, "seeds": len(names), "success": success,
                          "ci95": ci95, "episodes": episodes,
                          "seed_success": [blocks[n].success for n in names],
                          "executed_fraction": sum(blocks[n].executed_fraction for n in names) / len(names),
@@ -145,8 +145,7 @@ def verdict(rows: list[dict[str, Any]], teacher: PolicyReport) -> dict[str, dict
     return out
 
 
-def table(rows: list[dict[str, Any]], teacher: PolicyReport, lat: dict[str, dict[int, dict[str, float]]],
-          made: dict[str, dict[str, Any]]) -> str:
+def table(rows: list[dict[str, Any]], teacher: PolicyReport, lat: dict[str, dict[int, dict[str, float]]]) -> str:
     """Families by budget against the teacher; latency speed-ups are the mean over a family's seeds."""
     def speedup(names: list[str], batch: int) -> str:
         base = lat["teacher"][batch]["latency_ms_median"]
@@ -158,7 +157,7 @@ def table(rows: list[dict[str, Any]], teacher: PolicyReport, lat: dict[str, dict
     head.append(f"| - | teacher | - | {teacher.success:.3f} ({t_lo:.2f}-{t_hi:.2f}, {teacher.episodes}) | | 1.00 "
                 f"| x1.00 | x1.00 | x1.00 |")
     for r in rows:
-        names = [n for n, o in made.items() if o["router.budget"] == r["budget"] and o["distill.family"] == r["family"]]
+        names = r["names"]
         lo, hi = r["ci95"]
         head.append(f"| {r['budget']:g} | {r['family']} | {r['seeds']} | {r['success']:.3f} ({lo:.2f}-{hi:.2f}, "
                     f"{r['episodes']}) | {', '.join(f'{s:.2f}' for s in r['seed_success'])} "
@@ -217,7 +216,7 @@ def main() -> int:
     lines = [f"# The frontier study: `{cfg.run.name}` ({len(cfg.collect.tasks)} tasks x "
              f"{cfg.evaluate.episodes_per_task} episodes per policy, seeds {cfg.evaluate.seed}-"
              f"{cfg.evaluate.seed + cfg.evaluate.episodes_per_task - 1})", "",
-             table(rows, teacher, lat, made), "",
+             table(rows, teacher, lat), "",
              "| target | value | met |", "|---|---|---|",
              *[f"| {k} | {v['value']:.3f} | {'yes' if v['ok'] else 'NO'} |" for k, v in checks.items()], "",
              f"Tasks: {', '.join(cfg.collect.tasks)}. Latency: median of {cfg.evaluate.latency_calls} calls per "

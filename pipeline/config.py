@@ -56,6 +56,10 @@ class CollectSection(_Section):
     seed: int = Field(0, ge=0, description="first episode seed; episode i of a task uses seed + i")
     rows_per_shard: int = Field(2000, ge=1, description="rows per Parquet shard, e.g. 2000")
     keep_failed: bool = Field(False, description="true to keep expert episodes that did not succeed")
+    action_noise: float = Field(0.0, ge=0.0, le=1.0,
+                                description="std of Gaussian noise added to the executed hand motion (dx, dy, "
+                                            "dz) while the stored label stays the expert's action, e.g. 0.3; "
+                                            "0 for clean demonstrations")
 
     @field_validator("tasks")
     @classmethod

@@ -60,6 +60,43 @@ def test_expert_episode_is_deterministic_per_seed(episodes):
 
 
 @pytest.mark.slow
+def test_action_noise_is_executed_but_labels_stay_the_experts(monkeypatch):
+    """collect.action_noise (DART-style): the env takes the expert's action plus noise on dx, dy, dz; each stored
+    label is the clean expert action for the state the noisy motion reached, and the episode is reproducible."""
+    from metaworld.policies import ENV_POLICY_MAP
+
+    from pipeline.sim.metaworld_env import expert_action
+
+    seen: list[tuple[np.ndarray, np.ndarray]] = []   # (state the action was chosen in, action executed)
+    step = SimEnv.step
+
+    def spy(env, action):
+        seen.append((env.expert_state().copy(), np.asarray(action, dtype=np.float32).copy()))
+        return step(env, action)
+
+    monkeypatch.setattr(SimEnv, "step", spy)
+    noisy = run_expert_episode("reach-v3", 0, SIZE, "corner", STEPS, action_noise=0.3)
+    monkeypatch.setattr(SimEnv, "step", step)
+    clean = run_expert_episode("reach-v3", 0, SIZE, "corner", STEPS)
+
+    policy = ENV_POLICY_MAP["reach-v3"]()
+    probe = SimEnv("reach-v3", 0, SIZE)
+    try:
+        for t, (state, executed) in enumerate(seen):
+            probe._raw = state   # the expert reads only the privileged state
+            np.testing.assert_allclose(noisy.actions[t], np.clip(expert_action(policy, probe), -1, 1), atol=1e-6)
+            assert executed[3] == noisy.actions[t][3]   # the gripper is not perturbed
+    finally:
+        probe.close()
+    motion = np.stack([e for _, e in seen])[:, :3] - noisy.actions[:, :3]
+    assert 0.2 < motion.std() < 0.4   # the executed motion carries noise of about the asked std
+    np.testing.assert_array_equal(noisy.actions[0], clean.actions[0])   # the same start, the same first label
+    assert not np.allclose(noisy.proprio[5:], clean.proprio[5:])        # the noise moved the hand elsewhere
+    again = run_expert_episode("reach-v3", 0, SIZE, "corner", STEPS, action_noise=0.3)
+    np.testing.assert_array_equal(noisy.actions, again.actions)
+
+
+@pytest.mark.slow
 def test_episode_shapes_and_dtypes(episodes):
     ep = episodes[0]
     assert ep.images.shape == (STEPS, SIZE, SIZE, 3) and ep.images.dtype == np.uint8

@@ -137,12 +137,19 @@ def expert_action(policy: Any, env: SimEnv) -> np.ndarray:
 
 
 def run_expert_episode(task: str, seed: int, image_size: int, camera: str = "corner",
-                       max_steps: int = 150) -> Episode:
-    """Roll out the scripted expert until first success (that step included) or max_steps."""
+                       max_steps: int = 150, action_noise: float = 0.0) -> Episode:
+    """Roll out the scripted expert until first success (that step included) or max_steps.
+
+    With action_noise > 0 the executed hand motion is the expert's plus Gaussian noise of that std (DART-style
+    noise injection), while the stored action stays the expert's clean action for the state reached: the
+    expert is a feedback controller of the true state, so its label is right wherever the noise led. The
+    episode then shows how to recover from the small drifts a cloned policy makes in closed loop. The noise
+    is seeded by the episode seed, so collection stays reproducible."""
     from metaworld.policies import ENV_POLICY_MAP
 
     env = SimEnv(task, seed, image_size, camera)
     policy = ENV_POLICY_MAP[task]()
+    rng = np.random.default_rng([seed, 0xDA27])
     images, proprio, actions, success = [], [], [], False
     try:
         obs = env.reset()
@@ -151,7 +158,10 @@ def run_expert_episode(task: str, seed: int, image_size: int, camera: str = "cor
             images.append(obs.image)
             proprio.append(obs.proprio)
             actions.append(action)
-            obs, success = env.step(action)
+            executed = action.copy()
+            if action_noise > 0:
+                executed[:3] += rng.normal(0.0, action_noise, size=3).astype(np.float32)
+            obs, success = env.step(executed)
             if success:
                 break
     finally:

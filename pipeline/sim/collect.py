@@ -22,7 +22,8 @@ def _run_all(cfg: CollectSection, keys: list[tuple[str, int]]) -> list[Episode]:
     """Run every episode as a Ray task; results come back in the order of keys, not of completion."""
     # One CPU per episode: MuJoCo stepping and EGL rendering are single-threaded (~0.9 s/episode).
     remote = ray.remote(num_cpus=1)(run_expert_episode)
-    refs = [remote.remote(task, seed, cfg.image_size, cfg.camera, cfg.max_steps, cfg.action_noise) for task, seed in keys]
+    refs = [remote.remote(task, seed, cfg.image_size, cfg.camera, cfg.max_steps, cfg.action_noise)
+            for task, seed in keys]
     pending = list(refs)
     with tqdm(total=len(refs), desc="collect", unit="episode") as bar:
         while pending:

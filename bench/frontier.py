@@ -5,8 +5,9 @@
     MUJOCO_GL=egl .venv/bin/python bench/frontier.py --smoke        # every step at smoke size (~15 min)
 
 Runs collect -> train-teacher -> probe-teacher (the pipeline's own stages), then, per budget, the three student
-families (distill.family) with several distillation seeds: routed (3 seeds; its threshold calibrated on its own
-closed-loop calls when router.calibrate_episodes > 0), static and shallow (2 seeds each; the same
+families (distill.family) with several distillation seeds: routed (3 seeds; router.select=topk runs exactly
+round(budget x L) layers per call, a threshold router is calibrated on its own closed-loop calls when
+router.calibrate_episodes > 0), static and shallow (2 seeds each; the same
 round(budget x L) evenly spaced layers). Each student is evaluated right after its distill, every policy on the
 same closed-loop seeds (evaluate.episodes_per_task per task); the teacher too. Every stage is recorded in the run
 folder with its wall time and config digest, so --reuse continues an interrupted study over several sittings.
@@ -114,6 +115,7 @@ def family_rows(made: dict[str, dict[str, Any]], blocks: dict[str, PolicyReport]
             rows.append({"budget": budget, "family": family, "names": names, "seeds": len(names), "success": success,
                          "ci95": ci95, "episodes": episodes,
                          "seed_success": [blocks[n].success for n in names],
+                         "seed_executed": [blocks[n].executed_fraction for n in names],
                          "executed_fraction": sum(blocks[n].executed_fraction for n in names) / len(names),
                          "backbone_flops_ratio": sum(blocks[n].flops["backbone"] for n in names)
                          / len(names) / teacher.flops["backbone"]})
@@ -139,9 +141,10 @@ def verdict(rows: list[dict[str, Any]], teacher: PolicyReport) -> dict[str, dict
                 apart = routed["ci95"][0] > at[other]["ci95"][1]
                 out[f"budget {budget:g}: routed >= {other} + {MARGIN * 100:.0f} pts, intervals apart"] = {
                     "value": gap, "ok": gap >= MARGIN and apart}
-        for family, row in at.items():   # the budget held in closed loop (item: within 0.03 of router.budget)
-            out[f"budget {budget:g}: {family} runs its budget in closed loop (+-0.03)"] = {
-                "value": row["executed_fraction"], "ok": abs(row["executed_fraction"] - budget) <= 0.03}
+        for family, row in at.items():   # the budget held in closed loop by every seed: the worst seed's miss
+            miss = max((f - budget for f in row.get("seed_executed", [row["executed_fraction"]])), key=abs)
+            out[f"budget {budget:g}: every {family} seed runs its budget in closed loop (+-0.03)"] = {
+                "value": miss, "ok": abs(miss) <= 0.03}
     return out
 
 
@@ -151,7 +154,7 @@ def table(rows: list[dict[str, Any]], teacher: PolicyReport, lat: dict[str, dict
         base = lat["teacher"][batch]["latency_ms_median"]
         return f"x{sum(base / lat[n][batch]['latency_ms_median'] for n in names) / len(names):.2f}"
 
-    head = ["| budget | family | seeds | success (95% CI, episodes) | per seed | layers run | backbone FLOPs "
+    head = ["| budget | family | seeds | success (95% CI, episodes) | per seed | layers run (per seed) | backbone FLOPs "
             "| speed-up b1 | speed-up b8 |", "|---|---|---|---|---|---|---|---|---|"]
     t_lo, t_hi = teacher.ci95
     head.append(f"| - | teacher | - | {teacher.success:.3f} ({t_lo:.2f}-{t_hi:.2f}, {teacher.episodes}) | | 1.00 "
@@ -161,7 +164,8 @@ def table(rows: list[dict[str, Any]], teacher: PolicyReport, lat: dict[str, dict
         lo, hi = r["ci95"]
         head.append(f"| {r['budget']:g} | {r['family']} | {r['seeds']} | {r['success']:.3f} ({lo:.2f}-{hi:.2f}, "
                     f"{r['episodes']}) | {', '.join(f'{s:.2f}' for s in r['seed_success'])} "
-                    f"| {r['executed_fraction']:.3f} | x{r['backbone_flops_ratio']:.2f} | {speedup(names, 1)} "
+                    f"| {r['executed_fraction']:.3f} ({', '.join(f'{f:.3f}' for f in r['seed_executed'])}) "
+                    f"| x{r['backbone_flops_ratio']:.2f} | {speedup(names, 1)} "
                     f"| {speedup(names, 8)} |")
     return "\n".join(head)
 

@@ -113,6 +113,48 @@ def test_mixed_gates_run_each_layer_only_on_its_rows_and_match_row_by_row():
         assert single.executed[0].tolist() == executed[b].tolist()
 
 
+def test_top_k_router_runs_exactly_keep_layers_per_call_and_the_input_picks_which(tmp_path):
+    torch.manual_seed(0)
+    teacher = VLA(tiny(layers=8)).eval()
+    student = derive_student(teacher, router_hidden=16, keep=3).eval()
+    x = inputs(batch=8, seed=5)
+    # Fresh, it is the static student at 3 of 8 layers (evenly spaced, ending at the last) for every input.
+    assert student(*x, mode="hard").executed.tolist() == [[0, 0, 1, 0, 1, 0, 0, 1]] * 8
+    # A trained router's logits vary with the input: random weights, each layer's logit centred over this batch.
+    torch.nn.init.normal_(student.router.out.weight, std=3.0)
+    features = []
+    hook = student.router.out.register_forward_hook(lambda _m, args, _o: features.append(args[0]))
+    student(*x, mode="hard")
+    hook.remove()
+    with torch.no_grad():
+        student.router.out.bias.copy_(-(features[0] @ student.router.out.weight.T).mean(0))
+    rows_run = record_layer_rows(student)
+    out = student(*x, mode="hard")
+    assert out.executed.sum(1).tolist() == [3.0] * 8
+    assert len({tuple(row) for row in out.executed.tolist()}) > 1, "the inputs should pick different layers"
+    assert rows_run == [int(n) for n in out.executed.sum(0).tolist() if n > 0]
+    # The hard pattern is gate >= 0.5 (the threshold), and annealed soft gates tend to it.
+    assert torch.equal(out.executed.bool(), out.gates >= 0.5)
+    sharp = student(*x, mode="soft", temperature=1e-3).gates
+    torch.testing.assert_close(sharp, out.executed, atol=1e-3, rtol=0)
+    # Saved and loaded, it keeps its k: the same layers and actions.
+    uri = str(tmp_path / "topk")
+    save_policy(student, uri, PolicyCard(normalizer=NORMALIZER, teacher_hash="t", threshold=0.5))
+    loaded, _ = load_policy(uri)
+    again = loaded.eval()(*x, mode="hard")
+    assert loaded.cfg.router_keep == 3
+    assert torch.equal(again.executed, out.executed)
+    torch.testing.assert_close(again.actions, out.actions, atol=0, rtol=0)
+
+
+def test_top_k_router_keeps_k_even_where_gates_tie():
+    torch.manual_seed(0)
+    student = derive_student(VLA(tiny(layers=4)).eval(), router_hidden=16, keep=2).eval()
+    _set_gates(student, [1.0, 1.0, 1.0, 1.0])   # every layer's logit equal: all gates exactly 0.5
+    out = student(*inputs(), mode="hard")
+    assert out.executed.sum(1).tolist() == [2.0] * 4
+
+
 def test_export_holds_no_probe_weights_and_reloads_to_the_same_actions(tmp_path):
     torch.manual_seed(0)
     student = derive_student(VLA(tiny()).eval(), router_hidden=16)

@@ -35,7 +35,7 @@ from pipeline.models.checkpoint import (
     read_probes_config,
 )
 from pipeline.models.graph import ProbeSet
-from pipeline.models.router import evenly_spaced_layers
+from pipeline.models.router import evenly_spaced_layers, layers_per_call
 from pipeline.models.student import DistillModule, student_config
 from pipeline.models.vla import VLA, VLAConfig
 from pipeline.ray_runtime import is_local
@@ -136,6 +136,14 @@ def fixed_layers(router: RouterSection, distill: DistillSection, num_layers: int
     return evenly_spaced_layers(router.budget, num_layers)
 
 
+def router_keep(router: RouterSection, distill: DistillSection, num_layers: int) -> int | None:
+    """The layers a top-k routed student runs per call (router.select=topk); None for a threshold router or a
+    static or shallow student."""
+    if distill.family != "routed" or router.select != "topk":
+        return None
+    return layers_per_call(router.budget, num_layers)
+
+
 def _student_objective(job: StudentJob, device: torch.device) -> tuple[StudentObjective, PolicyCard]:
     """Student = teacher weights + router + stage-1 probes; online mode adds frozen copies of both (the labellers
     of stage 1). Built in the training plane's context (partitioned as constructed under ZeRO-3, the frozen copies
@@ -146,7 +154,8 @@ def _student_objective(job: StudentJob, device: torch.device) -> tuple[StudentOb
     static = fixed_layers(job.router, job.distill, teacher_cfg.num_layers)
     online = job.distill.teacher_mode == "online"
     with building(job.distill.train, device, teacher_cfg.hidden_size):
-        module = DistillModule(VLA(student_config(teacher_cfg, job.router.hidden, static)), ProbeSet(**dims))
+        keep = router_keep(job.router, job.distill, teacher_cfg.num_layers)
+        module = DistillModule(VLA(student_config(teacher_cfg, job.router.hidden, static, keep)), ProbeSet(**dims))
         frozen = (VLA(teacher_cfg), ProbeSet(**dims)) if online else (None, None)
         objective = StudentObjective(module, job.router, job.distill, *frozen)
     with policy_weights(job.teacher_uri, teacher_card) as weights, probe_weights(job.probes_uri) as probes:

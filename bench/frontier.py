@@ -154,8 +154,8 @@ def table(rows: list[dict[str, Any]], teacher: PolicyReport, lat: dict[str, dict
         base = lat["teacher"][batch]["latency_ms_median"]
         return f"x{sum(base / lat[n][batch]['latency_ms_median'] for n in names) / len(names):.2f}"
 
-    head = ["| budget | family | seeds | success (95% CI, episodes) | per seed | layers run (per seed) | backbone FLOPs "
-            "| speed-up b1 | speed-up b8 |", "|---|---|---|---|---|---|---|---|---|"]
+    head = ["| budget | family | seeds | success (95% CI, episodes) | per seed | layers run (per seed) "
+            "| backbone FLOPs | speed-up b1 | speed-up b8 |", "|---|---|---|---|---|---|---|---|---|"]
     t_lo, t_hi = teacher.ci95
     head.append(f"| - | teacher | - | {teacher.success:.3f} ({t_lo:.2f}-{t_hi:.2f}, {teacher.episodes}) | | 1.00 "
                 f"| x1.00 | x1.00 | x1.00 |")

@@ -187,10 +187,10 @@ class RouterSection(_Section):
                              "budget x layers")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="inference gate threshold in (0, 1)")
     select: Literal["threshold", "topk"] = Field(
-        "threshold", description="threshold: a layer runs where its gate >= router.threshold, so how many run "
-                                 "is the router's choice (the budget term pulls it towards the budget); topk: "
-                                 "every call runs exactly round(budget x layers) layers, the ones its gates rank "
-                                 "highest (the budget holds by construction; nothing to calibrate)")
+        "threshold", description="how a routed student picks its layers at inference. threshold: every layer whose "
+                                 "gate >= router.threshold, so the count varies per call; topk: exactly "
+                                 "round(budget x layers) per call, the ones with the largest gates, so the budget "
+                                 "holds on every call (training is the same; pair it with budget_scope=input)")
     gate: Literal["soft", "straight_through", "annealed"] = Field(
         "straight_through", description="training gate: soft, straight_through or annealed")
     anneal_to: float = Field(0.05, gt=0.0, le=1.0,
@@ -356,12 +356,9 @@ def _cross_checks(cfg: PipelineConfig) -> list[str]:
         problems.append(f"router.static_layers={static}: a fixed set of layers is a static or shallow student; set "
                         f"distill.family=static (or shallow), or static_layers=null for a learned router")
     if cfg.router.select == "topk" and cfg.router.calibrate_episodes:
-        problems.append(f"router.calibrate_episodes={cfg.router.calibrate_episodes}: a top-k router "
-                        f"(router.select=topk) runs round(budget x layers) layers on every call, so there is no "
-                        f"threshold to calibrate; set calibrate_episodes=0 or router.select=threshold")
-    if cfg.router.select == "topk" and cfg.router.threshold != 0.5:
-        problems.append(f"router.threshold={cfg.router.threshold}: a top-k router centres its gates on 0.5 between "
-                        f"the layers it keeps and the rest; leave threshold at 0.5 or set router.select=threshold")
+        problems.append(f"router.calibrate_episodes={cfg.router.calibrate_episodes}: router.select=topk runs "
+                        f"round(budget x layers) layers on every call, so there is no inference threshold to "
+                        f"calibrate; set calibrate_episodes=0 or router.select=threshold")
     if cfg.distill.train.augment_shift and cfg.distill.teacher_mode == "cached":
         problems.append(f"distill.train.augment_shift={cfg.distill.train.augment_shift}: cached teacher targets "
                         f"belong to the unshifted images; set distill.teacher_mode=online (the teacher labels "

@@ -54,6 +54,7 @@ def test_a_familys_seeds_pool_their_episodes_and_the_verdict_needs_a_clear_gap()
     # Every seed, not the mean: seeds at 0.30 and 0.20 average the budget and still miss it by 0.05.
     blocks |= {"routed-0.25-s0": _block(0.80, 0.30), "routed-0.25-s1": _block(0.78, 0.20)}
     rows = {r["family"]: r for r in family_rows(made, blocks, teacher)}
-    miss = verdict(list(rows.values()), teacher)["budget 0.25: every routed seed runs its budget in closed loop (+-0.03)"]
+    checks = verdict(list(rows.values()), teacher)
+    miss = checks["budget 0.25: every routed seed runs its budget in closed loop (+-0.03)"]
     assert rows["routed"]["executed_fraction"] == pytest.approx(0.25) and not miss["ok"]
     assert miss["value"] == pytest.approx(0.05)

@@ -42,7 +42,7 @@ def test_the_shallow_loss_is_task_plus_teacher_plus_alpha_times_the_kept_layers_
     assert parts["align"] == pytest.approx(float(feature)) and parts["teacher_action"] == pytest.approx(0.2)
 
 
-def _job(tmp_path, family, budget=0.5):
+def _job(tmp_path, family, budget=0.5, **router):
     """A 4-layer random teacher and its probes on disk, and the distill job a worker receives for it."""
     torch.manual_seed(0)
     cfg = VLAConfig(backbone="llama", hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=64, vocab_size=64,
@@ -52,7 +52,7 @@ def _job(tmp_path, family, budget=0.5):
     model = ModelSection(hidden_size=32, num_layers=4, graph_width=16, semantic_dim=16)
     save_probes(new_probes(teacher, model), str(tmp_path / "probes"), {"teacher_hash": digest})
     distill = DistillSection(family=family, teacher_mode="online")
-    return StudentJob(router=RouterSection(budget=budget, gate="soft"), distill=distill,
+    return StudentJob(router=RouterSection(budget=budget, **({"gate": "soft"} | router)), distill=distill,
                       teacher_uri=str(tmp_path / "teacher"), teacher_hash=digest, probes_uri=str(tmp_path / "probes"),
                       image_shape=(32, 32, 3), card=PolicyCard(normalizer=NORMALIZER),
                       tracking=Tracking(uri="", run_id=""), seed=0)
@@ -85,6 +85,21 @@ def test_a_fixed_family_student_trains_only_its_kept_layers_and_the_shallow_one_
     else:   # the ActDistill loss: per-layer terms through trainable probes, and the (constant) budget term
         assert {"align", "struct", "act", "budget"} <= set(parts)
         assert any(g is not None and float(g.abs().sum()) > 0 for g in probe_grads)
+
+
+def test_a_top_k_routed_student_trains_as_the_threshold_router_and_deploys_its_k_layers(tmp_path):
+    job = _job(tmp_path, "routed", budget=0.25, select="topk", gate="annealed", budget_scope="input")
+    objective, _ = _student_objective(job, torch.device("cpu"))
+    student = objective.distill.student
+    assert student.cfg.router_keep == 1 and student.cfg.static_layers is None    # 0.25 of 4 layers
+    images, instructions, proprio, actions = _batch()
+    loss, parts, executed = objective.train()(images, instructions, proprio, actions, None, 1.0)
+    loss.backward()
+    # Fresh, the gates are all open (~0.88): the budget term pulls each input from 4 layers towards 1.
+    assert float(executed) == 1.0 and parts["budget"] == pytest.approx(0.75 ** 2)
+    assert float(student.router.out.bias.grad.sum()) > 0     # descending it closes gates
+    out = student.eval()(images, instructions, proprio, mode="hard")
+    assert out.executed.sum(1).tolist() == [1.0] * 8          # deployed: one layer per call whatever the gates
 
 
 def test_the_shallow_objective_reads_cached_labels_as_it_reads_the_online_teacher(tmp_path):

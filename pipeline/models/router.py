@@ -39,47 +39,29 @@ def budget_gates(gates: torch.Tensor, gate: TrainGate, threshold: float) -> torc
 
 
 def layers_per_call(budget: float, num_layers: int) -> int:
-    """How many layers a top-k router runs per call at a budget: round(budget x L), at least one."""
+    """How many layers a router.select=topk student runs per call at a budget: round(budget x L), at least one."""
     return min(num_layers, max(1, round(budget * num_layers)))
 
 
 def top_k_mask(gates: torch.Tensor, keep: int) -> torch.Tensor:
-    """B x L booleans, True at each row's `keep` largest gates (exactly `keep` per row, ties broken by index)."""
+    """B x L booleans, True at each row's `keep` largest gates: exactly `keep` per row, even where gates tie."""
     run = torch.zeros_like(gates, dtype=torch.bool)
     return run.scatter_(1, gates.topk(keep, dim=1).indices, True)
 
 
 class Router(nn.Module):
-    """g = sigmoid(W [mean,max](vision) ++ [mean,max](instruction) + b), shape B x L.
+    """g = sigmoid(W [mean,max](vision) ++ [mean,max](instruction) + b), shape B x L."""
 
-    keep (top-k selection): each row's logits are first centred on the midpoint between its keep-th and
-    (keep+1)-th largest, so g >= 0.5 exactly at the `keep` layers that row ranks highest: every call runs `keep`
-    layers, which ones the input decides. Annealing the temperature then sharpens the soft gates training runs
-    towards that same 0/1 pattern. Without keep, how many gates pass the threshold is the router's choice, and
-    the budget term only pulls it towards the budget."""
-
-    def __init__(self, d_model: int, hidden: int, num_layers: int, init_open: float = 2.0,
-                 keep: int | None = None) -> None:
+    def __init__(self, d_model: int, hidden: int, num_layers: int, init_open: float = 2.0) -> None:
         super().__init__()
-        if keep is not None and not 1 <= keep <= num_layers:
-            raise ValueError(f"a top-k router keeps 1 to {num_layers} layers per call, got keep={keep}")
-        self.keep = keep
         self.proj = nn.Linear(d_model, hidden)
         self.norm = nn.LayerNorm(hidden)
         self.out = nn.Linear(4 * hidden, num_layers)
-        # Small random weights (not zeros) let gates differ per input from the first step.
+        # Start with gates ~0.88 (sigmoid(2)): the student begins as its teacher and the budget
+        # term then closes layers, instead of starting from a random half-network. Small random
+        # weights (not zeros) let gates differ per input from the first step.
         nn.init.normal_(self.out.weight, std=0.02)
-        if keep is None:
-            # Start with gates ~0.88 (sigmoid(2)): the student begins as its teacher and the budget term then
-            # closes layers, instead of starting from a random half-network.
-            nn.init.constant_(self.out.bias, init_open)
-        else:
-            # A common bias cancels in the centring. Start from the static student's layers (evenly spaced, ending
-            # at the last): the router begins as static layer dropping and learns where inputs should differ.
-            prior = torch.full((num_layers,), -1.0)
-            prior[list(evenly_spaced_layers(keep / num_layers, num_layers))] = 1.0
-            with torch.no_grad():
-                self.out.bias.copy_(prior)
+        nn.init.constant_(self.out.bias, init_open)
 
     def forward(self, vision: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
                 temperature: float = 1.0) -> torch.Tensor:
@@ -90,13 +72,7 @@ class Router(nn.Module):
         t_mean = (t * m).sum(1) / m.sum(1).clamp_min(1.0)
         t_max = t.masked_fill(m == 0, torch.finfo(t.dtype).min).amax(1)
         feats = torch.cat([v.mean(1), v.amax(1), t_mean, t_max], dim=-1)
-        logits = self.out(feats)
-        if self.keep is not None and self.keep < logits.shape[1]:
-            ranked = logits.topk(self.keep + 1, dim=1).values
-            logits = logits - (ranked[:, -2:-1] + ranked[:, -1:]) / 2
-        elif self.keep is not None:   # keep = L: every layer runs
-            logits = logits.abs() + 1.0
-        return torch.sigmoid(logits / temperature)
+        return torch.sigmoid(self.out(feats) / temperature)
 
 
 def evenly_spaced_layers(fraction: float, num_layers: int) -> tuple[int, ...]:
@@ -147,8 +123,9 @@ class GateState(threading.local):
 
 def decide(state: GateState, gates: torch.Tensor, threshold: float, lockstep: bool = False,
            keep: int | None = None) -> torch.Tensor:
-    """Hard mode: which rows run which layers (gate >= threshold; a top-k router: each row's `keep` largest
-    gates, exactly, even where two gates round to the same value), once per forward; B x L of 0/1.
+    """Hard mode: which rows run which layers, once per forward; B x L of 0/1. Each layer whose gate >= threshold,
+    or, keep given (router.select=topk), each row's `keep` largest gates: exactly `keep` layers on every call,
+    whatever the gates' values.
 
     lockstep (ZeRO-3, 2+ ranks): every rank calls each layer that a row on ANY rank runs, since under ZeRO-3 a
     layer call gathers that layer's weights with a collective and ranks that skip different layers hang. Costs

@@ -50,7 +50,7 @@ class VLAConfig(BaseModel):
     action_dim: int
     vision_stem: str = "patch"        # patch: one strided conv; mlp: two patchify stages with a GELU
     router_hidden: int | None = None  # None: a teacher (no router)
-    # A top-k router (router.select=topk): exactly this many layers run per call, the input picks which;
+    # router.select=topk: at inference exactly this many layers run per call, the ones with the largest gates;
     # None: every layer whose gate passes the threshold (and every checkpoint written before this field existed).
     router_keep: int | None = None
     static_layers: tuple[int, ...] | None = None  # a fixed set of layers instead of a router (ablation)
@@ -224,7 +224,7 @@ class VLA(nn.Module):
         self.register_buffer("causal", self._prepared_causal(), persistent=False)
         self.router: Router | StaticRouter | None = None
         if cfg.router_hidden:
-            self.router = Router(d, cfg.router_hidden, cfg.num_layers, keep=cfg.router_keep)
+            self.router = Router(d, cfg.router_hidden, cfg.num_layers)
         elif cfg.static_layers:
             self.router = StaticRouter(cfg.static_layers, cfg.num_layers)
         # A VLM's tensors by the library's names -> ours (the same tensors): how its folder's weights map in.

@@ -54,9 +54,10 @@ BUDGETS = (0.25, 0.375)
 SUCCESS_DROP, FLOPS_MAX, MARGIN = 0.03, 0.30, 0.05
 LATENCY_BATCHES = (1, 8)
 MADE = ("collect", "train-teacher", "probe-teacher")   # the pipeline's own stages before the students
-# The smoke size: the smoke config's tiny models, 2 tasks, 1 seed per family, 1 budget, short episodes.
+# The smoke size: the smoke config's tiny models with the study's top-k routing, 2 tasks, 1 seed per family, 1 budget,
+# short episodes.
 SMOKE = ["run.run_dir=runs/frontier-smoke", "run.name=frontier-smoke", "evaluate.episodes_per_task=2",
-         "evaluate.max_steps=30", "evaluate.latency_calls=5", "router.calibrate_episodes=1"]
+         "evaluate.max_steps=30", "evaluate.latency_calls=5", "router.select=topk", "router.budget_scope=input"]
 SMOKE_SEEDS, SMOKE_BUDGETS = {"routed": 1, "static": 1, "shallow": 1}, (0.5,)
 
 

@@ -11,8 +11,8 @@ from pipeline.models.vla import VLA, VLAConfig, VLAOutput
 
 def student_config(teacher: VLAConfig, router_hidden: int, static_layers: tuple[int, ...] | None = None,
                    keep: int | None = None) -> VLAConfig:
-    """The teacher's architecture with a router of width `router_hidden` (keep given: a top-k router that runs
-    exactly `keep` layers per call), or, static_layers given, a fixed subset."""
+    """The teacher's architecture with a router of width `router_hidden` (keep given: at inference it runs its
+    `keep` largest gates on every call), or, static_layers given, a fixed subset."""
     update = ({"router_hidden": None, "static_layers": tuple(static_layers)} if static_layers
               else {"router_hidden": router_hidden, "router_keep": keep})
     return teacher.model_copy(update=update)
@@ -20,7 +20,7 @@ def student_config(teacher: VLAConfig, router_hidden: int, static_layers: tuple[
 
 def derive_student(teacher: VLA, router_hidden: int, static_layers: tuple[int, ...] | None = None,
                    keep: int | None = None) -> VLA:
-    """A copy of the teacher's weights with a router (a top-k one given keep; or, static_layers given, a fixed
+    """A copy of the teacher's weights with a router (deployed top-k given keep; or, static_layers given, a fixed
     layer subset); with the router forced open it is the teacher."""
     student = VLA(student_config(teacher.cfg, router_hidden, static_layers, keep))
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)

@@ -31,6 +31,7 @@ def test_the_study_trains_three_routed_and_two_of_each_baseline_per_budget():
     assert {o["distill.family"] for n, o in made.items() if n.endswith("-s2")} == {"routed"}
     # A top-k router runs round(budget x L) layers on every call: the budget holds for every seed by construction.
     assert cfg.evaluate.episodes_per_task >= 50 and cfg.router.select == "topk" and not cfg.router.calibrate_episodes
+    assert cfg.router.budget_scope == "input"   # training pulls each input to the count it will run
 
 
 def test_a_familys_seeds_pool_their_episodes_and_the_verdict_needs_a_clear_gap():

@@ -39,7 +39,8 @@ def budget_gates(gates: torch.Tensor, gate: TrainGate, threshold: float) -> torc
 
 
 def layers_per_call(budget: float, num_layers: int) -> int:
-    """How many layers a router.select=topk student runs per call at a budget: round(budget x L), at least one."""
+    """How many layers run per call at a budget: round(budget x L), at least one (a router.select=topk student's
+    count, and a static or shallow student's)."""
     return min(num_layers, max(1, round(budget * num_layers)))
 
 
@@ -79,7 +80,7 @@ def evenly_spaced_layers(fraction: float, num_layers: int) -> tuple[int, ...]:
     """The fixed layers of a static or shallow student at a budget: round(fraction * L) of them (at least one),
     evenly spaced and ending at the last layer, so layer k closes the k-th of K equal segments of the teacher:
     0.5 of 8 -> (1, 3, 5, 7), 0.375 of 8 -> (2, 4, 7), 0.25 of 8 -> (3, 7)."""
-    k = min(num_layers, max(1, round(fraction * num_layers)))
+    k = layers_per_call(fraction, num_layers)
     return tuple(round((i + 1) * num_layers / k) - 1 for i in range(k))
 
 

@@ -180,7 +180,8 @@ def run(cfg: PipelineConfig, reuse: bool, budgets: tuple[float, ...], seeds: dic
     blocks = {"teacher": evaluated(cfg, stages, "teacher", str(paths.teacher))}
     made = students(cfg, budgets, seeds)
     uris = {"teacher": str(paths.teacher)}
-    for name, overrides in made.items():
+    # The baselines first: they do not depend on the router's recipe, which a later sitting may still change.
+    for name, overrides in sorted(made.items(), key=lambda item: item[1]["distill.family"] == "routed"):
         variant, uri = with_overrides(cfg, overrides), paths.root / "frontier" / name
         stages.run(f"distill {name}", uri / "model.safetensors",
                    lambda v=variant, u=uri, n=name: distill.main(v, student_uri=str(u), run_name=f"frontier {n}"),

@@ -7,8 +7,8 @@
 Runs collect -> train-teacher -> probe-teacher (the pipeline's own stages), then, per budget, the three student
 families (distill.family) with several distillation seeds: routed (3 seeds; router.select=topk runs exactly
 round(budget x L) layers per call, a threshold router is calibrated on its own closed-loop calls when
-router.calibrate_episodes > 0), static and shallow (2 seeds each; the same
-round(budget x L) evenly spaced layers). Each student is evaluated right after its distill, every policy on the
+router.calibrate_episodes > 0), static and shallow (2 seeds each; the same round(budget x L) evenly spaced
+layers), the baselines first. Each student is evaluated right after its distill, every policy on the
 same closed-loop seeds (evaluate.episodes_per_task per task); the teacher too. Every stage is recorded in the run
 folder with its wall time and config digest, so --reuse continues an interrupted study over several sittings.
 The last step always runs: batch-1 and batch-8 latency of every policy, calls interleaved across policies, on

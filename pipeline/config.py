@@ -24,6 +24,22 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# json_schema_extra of an option added after runs were made, whose default keeps the earlier behaviour: at its
+# default it is left out of the config digest, so runs (and --resume / --reuse) made before it stay current.
+NEUTRAL_AT_DEFAULT = {"digest": "omit_at_default"}
+
+
+def _drop_neutral_defaults(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` (model's JSON dump) less the NEUTRAL_AT_DEFAULT options that hold their default, at any depth."""
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel) and isinstance(data.get(name), dict):
+            _drop_neutral_defaults(value, data[name])
+        elif field.json_schema_extra == NEUTRAL_AT_DEFAULT and value == field.default:
+            data.pop(name, None)
+    return data
+
+
 class RunSection(_Section):
     name: str = Field("smoke", min_length=1, description="a name for this pipeline run, e.g. smoke")
     run_dir: str = Field("runs/smoke", min_length=1,
@@ -195,6 +211,11 @@ class RouterSection(_Section):
         "straight_through", description="training gate: soft, straight_through or annealed")
     anneal_to: float = Field(0.05, gt=0.0, le=1.0,
                              description="final gate temperature when gate=annealed (1 -> this), e.g. 0.05")
+    topk_phase: float = Field(
+        0.0, ge=0.0, le=1.0, description="router.select=topk: the last fraction of distill steps trained with the "
+                                         "pattern deployment runs (each input's round(budget x layers) largest "
+                                         "gates forward, the gates' gradient backward), e.g. 0.3; 0: none",
+        json_schema_extra=NEUTRAL_AT_DEFAULT)
     hidden: int = Field(32, ge=4, description="router feature width, e.g. 32")
     calibrate_episodes: int = Field(
         0, ge=0, description="closed-loop episodes per task on which a routed student's threshold is calibrated "
@@ -312,7 +333,7 @@ class PipelineConfig(_Section):
         """A short hash of the resolved config, recorded with every run and model version; with sections,
         of those alone (dotted for one field, e.g. run.seed). run.resume is left out: continuing a run does
         not change what it trains."""
-        data = self.model_dump(mode="json")
+        data = _drop_neutral_defaults(self, self.model_dump(mode="json"))
         data["run"].pop("resume")
         if sections is not None:
             data = {key: functools.reduce(lambda value, part: value[part], key.split("."), data) for key in sections}
@@ -359,6 +380,9 @@ def _cross_checks(cfg: PipelineConfig) -> list[str]:
         problems.append(f"router.calibrate_episodes={cfg.router.calibrate_episodes}: router.select=topk runs "
                         f"round(budget x layers) layers on every call, so there is no inference threshold to "
                         f"calibrate; set calibrate_episodes=0 or router.select=threshold")
+    if cfg.router.topk_phase and cfg.router.select != "topk":
+        problems.append(f"router.topk_phase={cfg.router.topk_phase}: trains the pattern router.select=topk "
+                        f"deploys, but router.select={cfg.router.select}; set router.select=topk or topk_phase=0")
     if cfg.distill.train.augment_shift and cfg.distill.teacher_mode == "cached":
         problems.append(f"distill.train.augment_shift={cfg.distill.train.augment_shift}: cached teacher targets "
                         f"belong to the unshifted images; set distill.teacher_mode=online (the teacher labels "

@@ -1,5 +1,7 @@
 """Config loading: dotted overrides, and bad configs rejected up front with every problem listed."""
 
+import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +104,19 @@ def test_top_k_router_has_no_threshold_to_calibrate():
                                           r"layers\) layers on every call"):
         load_config(SMOKE, ["router.select=topk", "router.calibrate_episodes=2"])
     assert load_config(SMOKE, ["router.select=topk"]).router.select == "topk"
+    with pytest.raises(ConfigError, match=r"router.topk_phase=0.3: .* router.select=threshold; set router.select="
+                                          r"topk or topk_phase=0"):
+        load_config(SMOKE, ["router.select=threshold", "router.topk_phase=0.3"])
+
+
+def test_an_option_added_at_its_neutral_default_leaves_earlier_runs_current():
+    # router.topk_phase came after runs were made: at 0 it changes nothing, so --resume/--reuse digests stay;
+    # set, it changes what distill trains.
+    base = load_config(SMOKE, ["router.select=topk"])
+    assert load_config(SMOKE, ["router.select=topk", "router.topk_phase=0"]).digest() == base.digest()
+    router = base.model_dump(mode="json")["router"]
+    router.pop("topk_phase")     # the router section as the code before the option dumped it
+    assert base.digest(("router",)) == hashlib.sha256(json.dumps({"router": router}, sort_keys=True).encode()
+                                                      ).hexdigest()[:12]
+    assert load_config(SMOKE, ["router.select=topk", "router.topk_phase=0.3"]).digest(("router",)) != \
+        base.digest(("router",))

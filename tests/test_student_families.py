@@ -102,6 +102,32 @@ def test_a_top_k_routed_student_trains_as_the_threshold_router_and_deploys_its_k
     assert out.executed.sum(1).tolist() == [1.0] * 8          # deployed: one layer per call whatever the gates
 
 
+def test_the_top_k_phase_trains_the_last_steps_with_the_deployed_pattern_and_still_moves_the_router(tmp_path):
+    job = _job(tmp_path, "routed", budget=0.5, select="topk", gate="annealed", budget_scope="input", topk_phase=0.3)
+    objective, _ = _student_objective(job, torch.device("cpu"))
+    steps = job.distill.train.steps
+    assert [objective.topk_at(s) for s in (0, round(0.7 * steps) - 1, round(0.7 * steps), steps - 1)] == \
+        [False, False, True, True]
+    student = objective.distill.student
+    images, instructions, proprio, actions = _batch()
+    with torch.no_grad():
+        deployed = student.eval()(images, instructions, proprio, mode="hard")
+    objective.train()
+    loss, parts, executed = objective(images, instructions, proprio, actions, None, 0.5, topk=True)
+    loss.backward()
+    # Forward: exactly the 2 layers per input that deployment runs, so the student's actions are the deployed ones
+    # and the budget term (on that pattern) is zero; backward: every gate, run or not, gets the task's gradient.
+    assert float(executed) == 0.5 and parts["budget"] == 0.0
+    with torch.no_grad():
+        trained = student(images, instructions, proprio, mode="topk", temperature=0.5)
+    torch.testing.assert_close(trained.actions, deployed.actions)
+    assert torch.equal(trained.executed, deployed.executed) and set(trained.executed.sum(1).tolist()) == {2.0}
+    assert bool((student.router.out.weight.grad.abs().sum(1) > 0).all())
+    # A threshold-select student has no per-call count to train towards.
+    with pytest.raises(ValueError, match="mode=topk .* has no router_keep"):
+        VLA(student.cfg.model_copy(update={"router_keep": None}))(images, instructions, proprio, mode="topk")
+
+
 def test_the_shallow_objective_reads_cached_labels_as_it_reads_the_online_teacher(tmp_path):
     objective, _ = _student_objective(_job(tmp_path, "shallow"), torch.device("cpu"))
     objective.train()

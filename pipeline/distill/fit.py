@@ -201,7 +201,7 @@ def student_fn_per_worker(loop_config: dict[str, Any]) -> None:
         images = random_shift(b["images"], train.augment_shift)
         images, proprio = images.to(device, dtype), b["proprio"].to(device, dtype)
         loss, parts, executed = engine(images, b["instructions"], proprio, b["actions"].to(device), targets,
-                                       objective.temperature(step))
+                                       objective.temperature(step), objective.topk_at(step))
         return loss, {**parts, "executed_fraction": float(executed), **placement(engine, device, images, proprio)}
 
     def eval_fn(step: int) -> dict[str, float]:

@@ -58,12 +58,13 @@ class StudentObjective(nn.Module):
         return TeacherTargets(sem.float(), act.float(), out.actions.float())
 
     def forward(self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor,
-                actions: torch.Tensor, targets: TeacherTargets | None,
-                temperature: float) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+                actions: torch.Tensor, targets: TeacherTargets | None, temperature: float,
+                topk: bool = False) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+        """topk (a step of router.topk_phase): the student runs each input's top-k layers forward, as deployed."""
         gate, threshold = self.router_cfg.gate, self.router_cfg.threshold
         if targets is None:
             targets = self.online_targets(images, instructions, proprio)
-        mode = forward_mode(gate)
+        mode = "topk" if topk else forward_mode(gate)
         head = self.distill.student.action_head
         if self.settings.family == "shallow":
             out, sem_s, _ = self.distill(images, instructions, proprio, mode, threshold, temperature)
@@ -76,16 +77,23 @@ class StudentObjective(nn.Module):
                                        temperature=temperature)
             task = action_task_loss(head, out.actions, out.action_logits, actions)
             teacher = action_task_loss(head, out.actions, out.action_logits, targets.action, "teacher_action")
-            loss, parts = regression_loss(task.loss, teacher.loss, budget_gates(out.gates, gate, threshold).float(),
+            loss, parts = regression_loss(task.loss, teacher.loss, budget_gates(out.gates, gate, threshold, out.executed if topk else None).float(),
                                           self.weights)
         else:
             out, sem_s, act_s = self.distill(images, instructions, proprio, mode, threshold, temperature)
             task = action_task_loss(head, out.actions, out.action_logits, actions)
             loss, parts = distill_loss(task.loss, actions, sem_s.float(), act_s.float(), targets.sem, targets.act,
-                                       budget_gates(out.gates, gate, threshold).float(), self.weights)
+                                       budget_gates(out.gates, gate, threshold, out.executed if topk else None).float(), self.weights)
         if "clipped_action_values" in task.parts:   # a tokens head: expert values outside the bins' range
             parts["clipped_action_values"] = task.parts["clipped_action_values"]
-        return loss, parts, (out.gates >= threshold).float().mean()
+        return loss, parts, (out.executed if topk else (out.gates >= threshold).float()).mean()
+
+    def topk_at(self, step: int) -> bool:
+        """Whether this optimizer step is in router.topk_phase (the last fraction of the steps)."""
+        phase = self.router_cfg.topk_phase
+        if not phase or self.settings.family != "routed":
+            return False
+        return step >= round((1.0 - phase) * self.settings.train.steps)
 
     def temperature(self, step: int) -> float:
         """The gate temperature at this optimizer step: annealed 1 -> router.anneal_to, else 1."""

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-GateMode = Literal["off", "soft", "straight_through", "hard"]
+GateMode = Literal["off", "soft", "straight_through", "topk", "hard"]
 TrainGate = Literal["soft", "straight_through", "annealed"]
 
 
@@ -23,8 +23,9 @@ def forward_mode(gate: TrainGate) -> GateMode:
     return "soft" if gate == "annealed" else gate
 
 
-def budget_gates(gates: torch.Tensor, gate: TrainGate, threshold: float) -> torch.Tensor:
-    """The gate values the budget term sees.
+def budget_gates(gates: torch.Tensor, gate: TrainGate, threshold: float,
+                 run: torch.Tensor | None = None) -> torch.Tensor:
+    """The gate values the budget term sees. run given (a top-k phase step): that executed pattern forward.
 
     Straight-through and annealed: the executed 0/1 pattern forward, the soft gates' gradient backward.
     On the soft values alone the budget is met while more layers run: with straight-through gates mean g
@@ -32,6 +33,8 @@ def budget_gates(gates: torch.Tensor, gate: TrainGate, threshold: float) -> torc
     budget term was ~0.001 while 0.44 of the layers ran, gates parked just above the threshold counting
     ~half. Soft: the gates (training never runs the hard pattern).
     """
+    if run is not None:
+        return run.to(gates.dtype) + gates - gates.detach()
     if gate == "soft":
         return gates
     hard = (gates >= threshold).to(gates.dtype)
@@ -111,7 +114,7 @@ class GateState(threading.local):
         self.mode: GateMode = "off"
         self.gates: torch.Tensor | None = None      # B x L soft gates from the router
         self.threshold = 0.5
-        self.run: torch.Tensor | None = None        # hard mode: B x L, True where the layer runs for that row
+        self.run: torch.Tensor | None = None        # hard, topk: B x L, True where the layer runs for that row
         self.run_any: list[bool] = []               # hard mode, per layer: some row runs it
         self.run_all: list[bool] = []               # hard mode, per layer: every row runs it
         self.peers_only: list[bool] = []            # hard mode in lockstep, per layer: no row here, another rank's
@@ -186,6 +189,9 @@ class GatedLayer(nn.Module):
             if state.mode == "straight_through":
                 hard = (g >= state.threshold).to(g.dtype)
                 g = hard + g - g.detach()  # forward: 0/1 as at inference; backward: the soft gate's gradient
+            elif state.mode == "topk" and state.run is not None:
+                hard = state.run[:, i].to(g.dtype)
+                g = hard + g - g.detach()  # forward: the row's top-k pattern, as deployed; backward: the soft gate
             out = hidden_states + g.view(-1, 1, 1) * (self._run(hidden_states, args, kwargs) - hidden_states)
         if state.hidden is not None:
             state.hidden.append(out)

@@ -19,7 +19,7 @@ from pipeline.data.manifest import Stats
 from pipeline.errors import BadInput
 from pipeline.models.action_head import ACTION_HEADS, TokenHead, regression_head, token_range
 from pipeline.models.backbones import backbone_config, backbone_dims, build_backbone, pretrained_config
-from pipeline.models.router import GatedLayer, GateMode, GateState, Router, StaticRouter, decide
+from pipeline.models.router import GatedLayer, GateMode, GateState, Router, StaticRouter, decide, top_k_mask
 from pipeline.models.tokenizer import BackboneTokenizer
 from pipeline.models.vlm_backbone import (
     VLMPrompter,
@@ -311,7 +311,7 @@ class VLA(nn.Module):
     def forward(self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor,
                 mode: GateMode = "off", threshold: float = 0.5, record: bool = False,
                 temperature: float = 1.0, lockstep: bool = False) -> VLAOutput:
-        """mode: off (teacher / router forced open), soft, straight_through (training), hard (inference).
+        """mode: off (teacher / router forced open), soft, straight_through, topk (training), hard (inference).
 
         lockstep: hard mode on every rank of a ZeRO-3 group at once (validation): ranks call the same layers in
         the same order (see router.decide). Never for a served or single-process model: it is a collective."""
@@ -328,6 +328,12 @@ class VLA(nn.Module):
                 executed = decide(state, gates, threshold, lockstep, self.cfg.router_keep)
             elif mode == "straight_through":
                 executed = (gates >= threshold).to(gates.dtype)
+            elif mode == "topk":
+                if self.cfg.router_keep is None:
+                    raise ValueError("mode=topk trains the pattern a router.select=topk student deploys, but this "
+                                     "model has no router_keep; build it with student_config(..., keep)")
+                state.run = top_k_mask(gates, self.cfg.router_keep)
+                executed = state.run.to(gates.dtype)
             else:
                 executed = gates.detach()
             out = self.backbone(inputs_embeds=tokens, **self.decoder_inputs(mask, tokens.dtype), use_cache=False)

@@ -216,6 +216,12 @@ class RouterSection(_Section):
                                          "pattern deployment runs (each input's round(budget x layers) largest "
                                          "gates forward, the gates' gradient backward), e.g. 0.3; 0: none",
         json_schema_extra=NEUTRAL_AT_DEFAULT)
+    start: Literal["open", "static"] = Field(
+        "open", description="a fresh router's gates. open: all ~0.88, the student starts as its teacher; static: "
+                            "open (+2 logits) at the static student's layers (round(budget x layers), evenly "
+                            "spaced, ending at the last) and closed (-2) elsewhere, so with router.topk_phase=1 "
+                            "the student starts as the static one and the router learns where an input needs "
+                            "other layers", json_schema_extra=NEUTRAL_AT_DEFAULT)
     hidden: int = Field(32, ge=4, description="router feature width, e.g. 32")
     calibrate_episodes: int = Field(
         0, ge=0, description="closed-loop episodes per task on which a routed student's threshold is calibrated "

@@ -128,6 +128,19 @@ def test_the_top_k_phase_trains_the_last_steps_with_the_deployed_pattern_and_sti
         VLA(student.cfg.model_copy(update={"router_keep": None}))(images, instructions, proprio, mode="topk")
 
 
+def test_a_router_started_static_runs_the_static_students_layers_until_training_moves_it(tmp_path):
+    job = _job(tmp_path, "routed", budget=0.5, select="topk", budget_scope="input", topk_phase=1.0, start="static")
+    objective, _ = _student_objective(job, torch.device("cpu"))
+    student = objective.distill.student
+    images, instructions, proprio, actions = _batch()
+    with torch.no_grad():
+        out = student.eval()(images, instructions, proprio, mode="hard")
+    layers = evenly_spaced_layers(0.5, 4)                    # (1, 3)
+    assert out.executed.tolist() == [[float(i in layers) for i in range(4)]] * 8
+    fresh = _student_objective(_job(tmp_path / "open", "routed", budget=0.5, select="topk"), torch.device("cpu"))[0]
+    assert fresh.distill.student.router.out.bias.tolist() == [2.0] * 4     # router.start=open: the teacher's start
+
+
 def test_the_shallow_objective_reads_cached_labels_as_it_reads_the_online_teacher(tmp_path):
     objective, _ = _student_objective(_job(tmp_path, "shallow"), torch.device("cpu"))
     objective.train()

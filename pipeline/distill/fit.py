@@ -35,7 +35,7 @@ from pipeline.models.checkpoint import (
     read_probes_config,
 )
 from pipeline.models.graph import ProbeSet
-from pipeline.models.router import evenly_spaced_layers, layers_per_call
+from pipeline.models.router import Router, evenly_spaced_layers, layers_per_call
 from pipeline.models.student import DistillModule, student_config
 from pipeline.models.vla import VLA, VLAConfig
 from pipeline.ray_runtime import is_local
@@ -144,6 +144,15 @@ def router_keep(router: RouterSection, distill: DistillSection, num_layers: int)
     return layers_per_call(router.budget, num_layers)
 
 
+def start_router(router: Router, layers: tuple[int, ...]) -> None:
+    """router.start=static: the fresh router opens `layers` (under ZeRO-3 its bias gathered, set on rank 0 and
+    partitioned again)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([router.out.bias], modifier_rank=0):
+        router.start_from(layers)
+
+
 def _student_objective(job: StudentJob, device: torch.device) -> tuple[StudentObjective, PolicyCard]:
     """Student = teacher weights + router + stage-1 probes; online mode adds frozen copies of both (the labellers
     of stage 1). Built in the training plane's context (partitioned as constructed under ZeRO-3, the frozen copies
@@ -160,6 +169,8 @@ def _student_objective(job: StudentJob, device: torch.device) -> tuple[StudentOb
         objective = StudentObjective(module, job.router, job.distill, *frozen)
     with policy_weights(job.teacher_uri, teacher_card) as weights, probe_weights(job.probes_uri) as probes:
         load_exactly(module.student, weights, allowed_missing="router")   # the router is the student's own, fresh
+        if job.router.start == "static" and module.student.router is not None and static is None:
+            start_router(module.student.router, evenly_spaced_layers(job.router.budget, teacher_cfg.num_layers))
         load_exactly(module.probes, probes)
         if objective.teacher is not None and objective.teacher_probes is not None:
             load_exactly(objective.teacher, weights)

@@ -67,6 +67,13 @@ class Router(nn.Module):
         nn.init.normal_(self.out.weight, std=0.02)
         nn.init.constant_(self.out.bias, init_open)
 
+    @torch.no_grad()
+    def start_from(self, layers: tuple[int, ...], logit: float = 2.0) -> None:
+        """Open these layers' gates (bias +logit) and close the others' (-logit): a top-k router then starts by
+        running exactly these layers for every input (router.start=static)."""
+        self.out.bias.fill_(-logit)
+        self.out.bias[list(layers)] = logit
+
     def forward(self, vision: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
                 temperature: float = 1.0) -> torch.Tensor:
         """Gates in (0, 1); a temperature below 1 sharpens them towards 0/1 (annealed training)."""

@@ -61,6 +61,35 @@ SMOKE = ["run.run_dir=runs/frontier-smoke", "run.name=frontier-smoke", "evaluate
 SMOKE_SEEDS, SMOKE_BUDGETS = {"routed": 1, "static": 1, "shallow": 1}, (0.5,)
 
 
+def parse_budgets(text: str | None, default: tuple[float, ...]) -> tuple[float, ...]:
+    """--budgets 0.25,0.375 -> (0.25, 0.375); each in (0, 1]."""
+    if text is None:
+        return default
+    try:
+        budgets = tuple(float(b) for b in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--budgets {text!r}: expected comma-separated fractions, e.g. 0.25,0.375") from None
+    if not budgets or not all(0 < b <= 1 for b in budgets):
+        raise SystemExit(f"--budgets {text!r}: every budget must be in (0, 1], e.g. 0.25,0.375")
+    return budgets
+
+
+def parse_seeds(text: str | None, default: dict[str, int]) -> dict[str, int]:
+    """--seeds routed=1,static=1 -> those counts, families not named keep 0 (a family at 0 is left out)."""
+    if text is None:
+        return default
+    seeds = dict.fromkeys(FAMILIES, 0)
+    for item in text.split(","):
+        family, _, count = item.partition("=")
+        if family not in seeds or not count.isdigit():
+            raise SystemExit(f"--seeds {text!r}: expected FAMILY=COUNT pairs with FAMILY in {', '.join(FAMILIES)}, "
+                             f"e.g. routed=1,static=1")
+        seeds[family] = int(count)
+    if not seeds.get("routed"):
+        raise SystemExit(f"--seeds {text!r}: the study compares against the routed student; give it routed=1 or more")
+    return seeds
+
+
 def students(cfg: PipelineConfig, budgets: tuple[float, ...], seeds: dict[str, int]) -> dict[str, dict[str, Any]]:
     """policy name -> the dotted overrides that make it, e.g. routed-0.25-s1: family, budget and seed."""
     return {f"{family}-{budget:g}-s{cfg.run.seed + i}": {"distill.family": family, "router.budget": budget,
@@ -201,11 +230,15 @@ def main() -> int:
                         help="continue: skip stages whose output exists in the run folder, made under the same config")
     parser.add_argument("--smoke", action="store_true", help="every step at smoke size, one seed per family")
     parser.add_argument("--out", default=None, help="default: bench/results/frontier (frontier-smoke with --smoke)")
+    parser.add_argument("--budgets", default=None, help="comma-separated, e.g. 0.25 (default: 0.25,0.375)")
+    parser.add_argument("--seeds", default=None,
+                        help="distillation seeds per family, e.g. routed=1,static=1,shallow=0 (default: 3/2/2)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. evaluate.episodes_per_task=20")
     args = parser.parse_args()
     config = args.config or str(REPO / "jobs/configs" / ("smoke.yaml" if args.smoke else "frontier.yaml"))
     cfg = load_config(config, (SMOKE if args.smoke else []) + args.overrides)
     budgets, seeds = (SMOKE_BUDGETS, SMOKE_SEEDS) if args.smoke else (BUDGETS, SEEDS)
+    budgets, seeds = parse_budgets(args.budgets, budgets), parse_seeds(args.seeds, seeds)
     out_base = Path(args.out or RESULTS / ("frontier-smoke" if args.smoke else "frontier"))
     out = run(cfg, args.reuse, budgets, seeds)
     blocks, made, lat = out["blocks"], out["made"], out["latency"]

@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.frontier import BUDGETS, SEEDS, family_rows, students, verdict  # noqa: E402
+from bench.frontier import BUDGETS, SEEDS, family_rows, parse_budgets, parse_seeds, students, verdict  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.evaluate.metrics import wilson_interval  # noqa: E402
 from pipeline.evaluate.report import PolicyReport  # noqa: E402
@@ -59,3 +59,17 @@ def test_a_familys_seeds_pool_their_episodes_and_the_verdict_needs_a_clear_gap()
     miss = checks["budget 0.25: every routed seed runs its budget in closed loop (+-0.03)"]
     assert rows["routed"]["executed_fraction"] == pytest.approx(0.25) and not miss["ok"]
     assert miss["value"] == pytest.approx(0.05)
+
+
+def test_a_smaller_check_names_its_budgets_and_seeds_and_bad_ones_are_refused():
+    # bench/frontier.py --budgets 0.25 --seeds routed=1,static=1: one routed and one static student, no shallow.
+    cfg = load_config(REPO / "jobs/configs/frontier.yaml")
+    made = students(cfg, parse_budgets("0.25", BUDGETS), parse_seeds("routed=1,static=1", SEEDS))
+    assert sorted(made) == ["routed-0.25-s0", "static-0.25-s0"]
+    assert parse_budgets(None, BUDGETS) == BUDGETS and parse_seeds(None, SEEDS) == SEEDS
+    for bad in ("0", "1.5", "a,0.2"):
+        with pytest.raises(SystemExit, match=f"--budgets '{bad}'"):
+            parse_budgets(bad, BUDGETS)
+    for bad, why in (("routed=x", "FAMILY=COUNT"), ("dense=1", "FAMILY=COUNT"), ("static=2", "routed=1 or more")):
+        with pytest.raises(SystemExit, match=why):
+            parse_seeds(bad, SEEDS)

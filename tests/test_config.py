@@ -110,13 +110,14 @@ def test_top_k_router_has_no_threshold_to_calibrate():
 
 
 def test_an_option_added_at_its_neutral_default_leaves_earlier_runs_current():
-    # router.topk_phase came after runs were made: at 0 it changes nothing, so --resume/--reuse digests stay;
-    # set, it changes what distill trains.
+    # router.topk_phase and router.start came after runs were made: at their defaults they change nothing, so
+    # --resume/--reuse digests stay; set, they change what distill trains.
     base = load_config(SMOKE, ["router.select=topk"])
-    assert load_config(SMOKE, ["router.select=topk", "router.topk_phase=0"]).digest() == base.digest()
+    assert load_config(SMOKE, ["router.select=topk", "router.topk_phase=0", "router.start=open"]
+                       ).digest() == base.digest()
     router = base.model_dump(mode="json")["router"]
-    router.pop("topk_phase")     # the router section as the code before the option dumped it
+    del router["topk_phase"], router["start"]    # the router section as the code before the options dumped it
     assert base.digest(("router",)) == hashlib.sha256(json.dumps({"router": router}, sort_keys=True).encode()
                                                       ).hexdigest()[:12]
-    assert load_config(SMOKE, ["router.select=topk", "router.topk_phase=0.3"]).digest(("router",)) != \
-        base.digest(("router",))
+    for option in ("router.topk_phase=0.3", "router.start=static"):
+        assert load_config(SMOKE, ["router.select=topk", option]).digest(("router",)) != base.digest(("router",))

@@ -77,13 +77,14 @@ class StudentObjective(nn.Module):
                                        temperature=temperature)
             task = action_task_loss(head, out.actions, out.action_logits, actions)
             teacher = action_task_loss(head, out.actions, out.action_logits, targets.action, "teacher_action")
-            loss, parts = regression_loss(task.loss, teacher.loss, budget_gates(out.gates, gate, threshold, out.executed if topk else None).float(),
-                                          self.weights)
+            used = budget_gates(out.gates, gate, threshold, out.executed if topk else None).float()
+            loss, parts = regression_loss(task.loss, teacher.loss, used, self.weights)
         else:
             out, sem_s, act_s = self.distill(images, instructions, proprio, mode, threshold, temperature)
             task = action_task_loss(head, out.actions, out.action_logits, actions)
+            used = budget_gates(out.gates, gate, threshold, out.executed if topk else None).float()
             loss, parts = distill_loss(task.loss, actions, sem_s.float(), act_s.float(), targets.sem, targets.act,
-                                       budget_gates(out.gates, gate, threshold, out.executed if topk else None).float(), self.weights)
+                                       used, self.weights)
         if "clipped_action_values" in task.parts:   # a tokens head: expert values outside the bins' range
             parts["clipped_action_values"] = task.parts["clipped_action_values"]
         return loss, parts, (out.executed if topk else (out.gates >= threshold).float()).mean()

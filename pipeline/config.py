@@ -15,6 +15,12 @@ from pipeline.errors import UserError
 from pipeline.sim.tasks import TASKS
 
 
+def layers_per_call(budget: float, num_layers: int) -> int:
+    """How many layers run per call at a budget: round(budget x L), at least one (a router.select=topk student's
+    count, and a static or shallow student's)."""
+    return min(num_layers, max(1, round(budget * num_layers)))
+
+
 class ConfigError(UserError, ValueError):
     """A config that cannot run; the message lists every bad key with its value and a fix."""
 
@@ -222,6 +228,11 @@ class RouterSection(_Section):
                             "spaced, ending at the last) and closed (-2) elsewhere, so with router.topk_phase=1 "
                             "the student starts as the static one and the router learns where an input needs "
                             "other layers", json_schema_extra=NEUTRAL_AT_DEFAULT)
+    pinned: list[int] | None = Field(
+        None, description="layers a routed student runs for every input, 0-based, e.g. [7] (the last layer, which "
+                          "feeds the action head): their gates are fixed at 1 and count toward router.budget, so "
+                          "the router chooses the rest; null: the router chooses every layer",
+        json_schema_extra=NEUTRAL_AT_DEFAULT)
     hidden: int = Field(32, ge=4, description="router feature width, e.g. 32")
     calibrate_episodes: int = Field(
         0, ge=0, description="closed-loop episodes per task on which a routed student's threshold is calibrated "
@@ -382,6 +393,19 @@ def _cross_checks(cfg: PipelineConfig) -> list[str]:
     if static is not None and cfg.distill.family == "routed":
         problems.append(f"router.static_layers={static}: a fixed set of layers is a static or shallow student; set "
                         f"distill.family=static (or shallow), or static_layers=null for a learned router")
+    pinned = cfg.router.pinned
+    if pinned is not None and (not pinned or len(set(pinned)) != len(pinned)
+                               or not all(0 <= i < m.num_layers for i in pinned)):
+        problems.append(f"router.pinned={pinned}: needs distinct layer indices in [0, {m.num_layers - 1}] "
+                        f"(model.num_layers={m.num_layers}), e.g. [{m.num_layers - 1}]; or null to route every layer")
+    elif pinned is not None and cfg.distill.family != "routed":
+        problems.append(f"router.pinned={pinned}: pins layers of a learned router, but distill.family="
+                        f"{cfg.distill.family} runs a fixed set (router.static_layers); set router.pinned=null")
+    elif pinned is not None and cfg.router.select == "topk" and len(pinned) >= (
+            keep := layers_per_call(cfg.router.budget, m.num_layers)):
+        problems.append(f"router.pinned={pinned}: {len(pinned)} pinned layers leave the router nothing to choose "
+                        f"among the {keep} that router.budget={cfg.router.budget} runs per call; pin fewer layers "
+                        f"or raise the budget")
     if cfg.router.select == "topk" and cfg.router.calibrate_episodes:
         problems.append(f"router.calibrate_episodes={cfg.router.calibrate_episodes}: router.select=topk runs "
                         f"round(budget x layers) layers on every call, so there is no inference threshold to "

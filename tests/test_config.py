@@ -109,15 +109,30 @@ def test_top_k_router_has_no_threshold_to_calibrate():
         load_config(SMOKE, ["router.select=threshold", "router.topk_phase=0.3"])
 
 
+def test_pinned_layers_must_leave_the_router_a_choice():
+    # SMOKE: 4 layers; budget 0.5 runs 2 per call.
+    with pytest.raises(ConfigError) as err:
+        load_config(SMOKE, ["router.pinned=[3,4]"])
+    assert "router.pinned=[3, 4]: needs distinct layer indices in [0, 3]" in str(err.value)
+    with pytest.raises(ConfigError, match=r"router.pinned=\[2, 3\]: 2 pinned layers leave the router nothing to "
+                                          r"choose among the 2 that router.budget=0.5 runs per call"):
+        load_config(SMOKE, ["router.select=topk", "router.pinned=[2,3]"])
+    with pytest.raises(ConfigError, match=r"router.pinned=\[3\]: pins layers of a learned router, but "
+                                          r"distill.family=static"):
+        load_config(SMOKE, ["router.pinned=[3]", "distill.family=static"])
+    assert load_config(SMOKE, ["router.select=topk", "router.pinned=[3]"]).router.pinned == [3]
+
+
 def test_an_option_added_at_its_neutral_default_leaves_earlier_runs_current():
-    # router.topk_phase and router.start came after runs were made: at their defaults they change nothing, so
+    # router.topk_phase, router.start and router.pinned came after runs were made: at their defaults they change nothing, so
     # --resume/--reuse digests stay; set, they change what distill trains.
     base = load_config(SMOKE, ["router.select=topk"])
     assert load_config(SMOKE, ["router.select=topk", "router.topk_phase=0", "router.start=open"]
                        ).digest() == base.digest()
+    assert load_config(SMOKE, ["router.select=topk", "router.pinned=null"]).digest() == base.digest()
     router = base.model_dump(mode="json")["router"]
-    del router["topk_phase"], router["start"]    # the router section as the code before the options dumped it
+    del router["topk_phase"], router["start"], router["pinned"]    # the router section as the code before the options dumped it
     assert base.digest(("router",)) == hashlib.sha256(json.dumps({"router": router}, sort_keys=True).encode()
                                                       ).hexdigest()[:12]
-    for option in ("router.topk_phase=0.3", "router.start=static"):
+    for option in ("router.topk_phase=0.3", "router.start=static", "router.pinned=[3]"):
         assert load_config(SMOKE, ["router.select=topk", option]).digest(("router",)) != base.digest(("router",))

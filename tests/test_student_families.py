@@ -9,7 +9,7 @@ from pipeline.config import DistillSection, ModelSection, RouterSection
 from pipeline.distill.fit import StudentJob, _student_objective, fixed_layers
 from pipeline.distill.losses import LossWeights, align_loss, shallow_loss
 from pipeline.distill.objective import TeacherTargets
-from pipeline.models.checkpoint import PolicyCard, save_policy, save_probes
+from pipeline.models.checkpoint import PolicyCard, load_policy, save_policy, save_probes
 from pipeline.models.router import evenly_spaced_layers
 from pipeline.models.vla import VLA, VLAConfig
 from pipeline.teacher.probing import new_probes
@@ -139,6 +139,33 @@ def test_a_router_started_static_runs_the_static_students_layers_until_training_
     assert out.executed.tolist() == [[float(i in layers) for i in range(4)]] * 8
     fresh = _student_objective(_job(tmp_path / "open", "routed", budget=0.5, select="topk"), torch.device("cpu"))[0]
     assert fresh.distill.student.router.out.bias.tolist() == [2.0] * 4     # router.start=open: the teacher's start
+
+
+def test_a_pinned_layer_runs_for_every_input_in_training_and_deployment_and_the_router_chooses_the_rest(tmp_path):
+    job = _job(tmp_path, "routed", budget=0.5, select="topk", gate="annealed", budget_scope="input", topk_phase=1.0,
+               pinned=[3])
+    objective, _ = _student_objective(job, torch.device("cpu"))
+    student = objective.distill.student
+    assert student.cfg.router_pinned == (3,) and student.cfg.router_keep == 2
+    images, instructions, proprio, actions = _batch()
+    objective.train()
+    loss, parts, executed = objective(images, instructions, proprio, actions, None, 0.5, topk=True)
+    loss.backward()
+    assert float(executed) == 0.5 and parts["budget"] == 0.0      # the pinned layer counts toward the budget
+    grad = student.router.out.weight.grad.abs().sum(1)
+    assert float(grad[3]) == 0.0 and bool((grad[:3] > 0).all())   # its gate is fixed; the others train
+    with torch.no_grad():   # every other gate saturated at 1 beside the pinned one: a tie top-k must not break
+        student.router.out.bias.fill_(40.0)
+        student.router.out.bias[3] = -40.0              # and the router's own output for the pinned layer: shut
+        deployed = student.eval()(images, instructions, proprio, mode="hard")
+    assert deployed.executed[:, 3].tolist() == [1.0] * 8 and set(deployed.executed.sum(1).tolist()) == {2.0}
+    # Saved and loaded, the student still pins the layer (a served student deploys what was trained).
+    digest_dir = str(tmp_path / "student")
+    save_policy(student, digest_dir, PolicyCard(normalizer=NORMALIZER))
+    loaded, _ = load_policy(digest_dir)
+    with torch.no_grad():
+        again = loaded.eval()(images, instructions, proprio, mode="hard")
+    assert loaded.cfg.router_pinned == (3,) and torch.equal(again.executed, deployed.executed)
 
 
 def test_the_shallow_objective_reads_cached_labels_as_it_reads_the_online_teacher(tmp_path):

@@ -14,7 +14,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipeline.config import DistillSection, PipelineConfig, RouterSection
+from pipeline.config import DistillSection, PipelineConfig, RouterSection, layers_per_call
 from pipeline.data import storage
 from pipeline.data.augment import random_shift
 from pipeline.data.batches import Normalizer, to_model_batch
@@ -35,7 +35,7 @@ from pipeline.models.checkpoint import (
     read_probes_config,
 )
 from pipeline.models.graph import ProbeSet
-from pipeline.models.router import Router, evenly_spaced_layers, layers_per_call
+from pipeline.models.router import Router, evenly_spaced_layers
 from pipeline.models.student import DistillModule, student_config
 from pipeline.models.vla import VLA, VLAConfig
 from pipeline.ray_runtime import is_local
@@ -164,7 +164,9 @@ def _student_objective(job: StudentJob, device: torch.device) -> tuple[StudentOb
     online = job.distill.teacher_mode == "online"
     with building(job.distill.train, device, teacher_cfg.hidden_size):
         keep = router_keep(job.router, job.distill, teacher_cfg.num_layers)
-        module = DistillModule(VLA(student_config(teacher_cfg, job.router.hidden, static, keep)), ProbeSet(**dims))
+        pinned = tuple(job.router.pinned) if job.router.pinned and static is None else None
+        module = DistillModule(VLA(student_config(teacher_cfg, job.router.hidden, static, keep, pinned)),
+                               ProbeSet(**dims))
         frozen = (VLA(teacher_cfg), ProbeSet(**dims)) if online else (None, None)
         objective = StudentObjective(module, job.router, job.distill, *frozen)
     with policy_weights(job.teacher_uri, teacher_card) as weights, probe_weights(job.probes_uri) as probes:

@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.config import layers_per_call
+
 GateMode = Literal["off", "soft", "straight_through", "topk", "hard"]
 TrainGate = Literal["soft", "straight_through", "annealed"]
 
@@ -41,16 +43,22 @@ def budget_gates(gates: torch.Tensor, gate: TrainGate, threshold: float,
     return hard + gates - gates.detach()
 
 
-def layers_per_call(budget: float, num_layers: int) -> int:
-    """How many layers run per call at a budget: round(budget x L), at least one (a router.select=topk student's
-    count, and a static or shallow student's)."""
-    return min(num_layers, max(1, round(budget * num_layers)))
-
-
-def top_k_mask(gates: torch.Tensor, keep: int) -> torch.Tensor:
-    """B x L booleans, True at each row's `keep` largest gates: exactly `keep` per row, even where gates tie."""
+def top_k_mask(gates: torch.Tensor, keep: int, pinned: tuple[int, ...] = ()) -> torch.Tensor:
+    """B x L booleans, True at each row's `keep` largest gates: exactly `keep` per row, even where gates tie. The
+    pinned layers are among them on every row, however many other gates saturate at 1 beside theirs."""
+    scores = gates.detach()
+    if pinned:
+        scores = scores.index_fill(1, torch.tensor(pinned, device=gates.device), float("inf"))
     run = torch.zeros_like(gates, dtype=torch.bool)
-    return run.scatter_(1, gates.topk(keep, dim=1).indices, True)
+    return run.scatter_(1, scores.topk(keep, dim=1).indices, True)
+
+
+def pin_gates(gates: torch.Tensor, pinned: tuple[int, ...]) -> torch.Tensor:
+    """The gates with the pinned layers' fixed at 1 (router.pinned): those layers run for every input, train
+    ungated, and count toward the budget; the router's outputs for them get no gradient."""
+    if not pinned:
+        return gates
+    return gates.index_fill(1, torch.tensor(pinned, device=gates.device), 1.0)
 
 
 class Router(nn.Module):
@@ -133,7 +141,7 @@ class GateState(threading.local):
 
 
 def decide(state: GateState, gates: torch.Tensor, threshold: float, lockstep: bool = False,
-           keep: int | None = None) -> torch.Tensor:
+           keep: int | None = None, pinned: tuple[int, ...] = ()) -> torch.Tensor:
     """Hard mode: which rows run which layers, once per forward; B x L of 0/1. Each layer whose gate >= threshold,
     or, keep given (router.select=topk), each row's `keep` largest gates: exactly `keep` layers on every call,
     whatever the gates' values.
@@ -141,7 +149,7 @@ def decide(state: GateState, gates: torch.Tensor, threshold: float, lockstep: bo
     lockstep (ZeRO-3, 2+ ranks): every rank calls each layer that a row on ANY rank runs, since under ZeRO-3 a
     layer call gathers that layer's weights with a collective and ranks that skip different layers hang. Costs
     one all-reduce of L int32 per forward; the rows each layer runs, and so the numbers, are unchanged."""
-    run = top_k_mask(gates, keep) if keep is not None else gates >= threshold
+    run = top_k_mask(gates, keep, pinned) if keep is not None else gates >= threshold
     here = run.any(0)
     state.run, state.run_any, state.run_all = run, here.tolist(), run.all(0).tolist()
     if lockstep:

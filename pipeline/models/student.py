@@ -10,11 +10,13 @@ from pipeline.models.vla import VLA, VLAConfig, VLAOutput
 
 
 def student_config(teacher: VLAConfig, router_hidden: int, static_layers: tuple[int, ...] | None = None,
-                   keep: int | None = None) -> VLAConfig:
+                   keep: int | None = None, pinned: tuple[int, ...] | None = None) -> VLAConfig:
     """The teacher's architecture with a router of width `router_hidden` (keep given: at inference it runs its
-    `keep` largest gates on every call), or, static_layers given, a fixed subset."""
+    `keep` largest gates on every call; pinned given: those layers on every call), or, static_layers given, a fixed
+    subset."""
     update = ({"router_hidden": None, "static_layers": tuple(static_layers)} if static_layers
-              else {"router_hidden": router_hidden, "router_keep": keep})
+              else {"router_hidden": router_hidden, "router_keep": keep,
+                    "router_pinned": tuple(pinned) if pinned else None})
     return teacher.model_copy(update=update)
 
 

@@ -19,7 +19,8 @@ from pipeline.data.manifest import Stats
 from pipeline.errors import BadInput
 from pipeline.models.action_head import ACTION_HEADS, TokenHead, regression_head, token_range
 from pipeline.models.backbones import backbone_config, backbone_dims, build_backbone, pretrained_config
-from pipeline.models.router import GatedLayer, GateMode, GateState, Router, StaticRouter, decide, top_k_mask
+from pipeline.models.router import (GatedLayer, GateMode, GateState, Router, StaticRouter, decide, pin_gates,
+                                    top_k_mask)
 from pipeline.models.tokenizer import BackboneTokenizer
 from pipeline.models.vlm_backbone import (
     VLMPrompter,
@@ -53,6 +54,9 @@ class VLAConfig(BaseModel):
     # router.select=topk: at inference exactly this many layers run per call, the ones with the largest gates;
     # None: every layer whose gate passes the threshold (and every checkpoint written before this field existed).
     router_keep: int | None = None
+    # router.pinned: layers the router runs for every input (gates fixed at 1); None: it chooses every layer (and
+    # every checkpoint written before this field existed).
+    router_pinned: tuple[int, ...] | None = None
     static_layers: tuple[int, ...] | None = None  # a fixed set of layers instead of a router (ablation)
     # A pretrained backbone's full config.json; None: a from-scratch decoder with our defaults (and every
     # checkpoint written before this field existed).
@@ -318,6 +322,9 @@ class VLA(nn.Module):
         tokens, mask, vision, text, text_mask = self.embed(images, instructions, proprio)
         batch, layers = images.shape[0], self.cfg.num_layers
         gates = self.router(vision, text, text_mask, temperature) if (self.router is not None and mode != "off") else None
+        pinned = self.cfg.router_pinned or ()
+        if gates is not None and pinned:
+            gates = pin_gates(gates, pinned)
         state = self.gate_state   # this thread's; reset when the call ends, so nothing outlives it
         try:
             state.mode, state.gates, state.threshold = (mode if gates is not None else "off"), gates, threshold
@@ -325,14 +332,14 @@ class VLA(nn.Module):
             if gates is None:
                 executed = torch.ones(batch, layers, device=images.device)
             elif mode == "hard":
-                executed = decide(state, gates, threshold, lockstep, self.cfg.router_keep)
+                executed = decide(state, gates, threshold, lockstep, self.cfg.router_keep, pinned)
             elif mode == "straight_through":
                 executed = (gates >= threshold).to(gates.dtype)
             elif mode == "topk":
                 if self.cfg.router_keep is None:
                     raise ValueError("mode=topk trains the pattern a router.select=topk student deploys, but this "
                                      "model has no router_keep; build it with student_config(..., keep)")
-                state.run = top_k_mask(gates, self.cfg.router_keep)
+                state.run = top_k_mask(gates, self.cfg.router_keep, pinned)
                 executed = state.run.to(gates.dtype)
             else:
                 executed = gates.detach()

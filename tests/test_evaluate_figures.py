@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.evaluate.policy import Policy
-from pipeline.evaluate.report import EvaluationReport, summary_table
+from pipeline.evaluate.report import EvaluationReport, summary_table, write_report
 from pipeline.evaluate.rollout import (
     SAMPLES_PER_EPISODE,
     EpisodeResult,
@@ -121,3 +121,29 @@ def test_the_report_says_which_inputs_each_figure_comes_from(student):
     for key in ("executed_fraction_p90", "closed_loop_calls", "latency_inputs", "latency_executed_fraction"):
         old["policies"]["student"].pop(key)
     assert EvaluationReport.model_validate(old).policies["student"].latency_executed_fraction is None
+
+
+def test_the_report_shows_which_layers_a_router_ran_on_each_task(student, tmp_path):
+    # Reach ran layers 0 and 1 on every call, push layers 2 and 3 on 3 calls of 4 and 0 and 1 on the fourth.
+    reach = episode(8, 2)
+    push = EpisodeResult("student", "push-v3", 2, True, 4, [1, 1, 3, 3], [2] * 4, [])
+    offline = {"action_mse_norm": 0.1, "action_mse_raw": 0.1, "heldout_rows": 5.0}
+    lat = {"latency_ms_median": 1.0, "latency_ms_p90": 2.0}
+    block = _policy_block("student", student, [reach, push], offline, lat)
+    assert block.per_task["reach-v3"].layer_frequency == pytest.approx([1.0, 1.0, 0.0, 0.0])
+    assert block.per_task["push-v3"].layer_frequency == pytest.approx([0.25, 0.25, 0.75, 0.75])
+    report = EvaluationReport(tasks=["reach-v3", "push-v3"], seeds=[10_000], max_steps=150,
+                              policies={"student": block}, measured_on={})
+    text = write_report(report, tmp_path)["markdown"].read_text()
+    assert "## Layers run per task" in text
+    assert "| reach-v3 | 1.00 | 1.00 | 0.00 | 0.00 |" in text and "| push-v3 | 0.25 | 0.25 | 0.75 | 0.75 |" in text
+    # A policy that runs the same layers on every call (a teacher, a static student) has no such table, and a
+    # report written before per-task layer use existed still reads.
+    fixed = _policy_block("student", student, [episode(5, 4)], offline, lat)
+    plain = EvaluationReport(tasks=["reach-v3"], seeds=[10_000], max_steps=150, policies={"teacher": fixed},
+                             measured_on={})
+    assert "Layers run per task" not in write_report(plain, tmp_path / "plain")["markdown"].read_text()
+    old = report.model_dump()
+    for scores in old["policies"]["student"]["per_task"].values():
+        scores.pop("layer_frequency")
+    assert EvaluationReport.model_validate(old).policies["student"].per_task["push-v3"].layer_frequency is None

@@ -21,6 +21,9 @@ class TaskSuccess(_Record):
     success: float
     episodes: int
     ci95: tuple[float, float]          # Wilson 95% interval
+    # Per decoder layer, the fraction of this task's closed-loop calls that ran it: whether a router chooses by
+    # task. None in reports written before it existed.
+    layer_frequency: list[float] | None = None
 
 
 class PolicyReport(_Record):
@@ -132,6 +135,24 @@ def per_task_table(report: EvaluationReport) -> str:
     return "\n".join(lines)
 
 
+def routed_by_task_tables(report: EvaluationReport) -> str:
+    """For each policy whose layers depend on the input (some layer runs on some calls but not all), the share of
+    each task's calls that ran each layer: a router that chooses by task shows different rows."""
+    blocks = []
+    for name, policy in report.policies.items():
+        if not any(0.0 < f < 1.0 for f in policy.layer_frequency):
+            continue
+        layers = range(len(policy.layer_frequency))
+        lines = [f"### {name}", "", "| task | " + " | ".join(f"L{i}" for i in layers) + " |",
+                 "|---|" + "---|" * len(policy.layer_frequency)]
+        for task in report.tasks:
+            scores = policy.per_task.get(task)
+            if scores is not None and scores.layer_frequency is not None:
+                lines.append(f"| {task} | " + " | ".join(f"{f:.2f}" for f in scores.layer_frequency) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def heatmap(report: EvaluationReport, path: Path) -> None:
     names = list(report.policies)
     freq = [report.policies[n].layer_frequency for n in names]
@@ -151,7 +172,10 @@ def write_report(report: EvaluationReport, folder: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"json": folder / "report.json", "markdown": folder / "report.md", "heatmap": folder / "layers.png"}
     paths["json"].write_text(report.to_json())
+    routed = routed_by_task_tables(report)
     paths["markdown"].write_text("# Evaluation\n\n" + summary_table(report) + "\n\n## Per task\n\n"
-                                 + per_task_table(report) + "\n")
+                                 + per_task_table(report) + "\n"
+                                 + ("\n## Layers run per task (share of the task's calls)\n\n" + routed + "\n"
+                                    if routed else ""))
     heatmap(report, paths["heatmap"])
     return paths

@@ -94,7 +94,9 @@ def _policy_block(name: str, policy: Policy, results: list[EpisodeResult], offli
     per_task = {}
     for task, outcomes in table.items():
         per_task[task] = TaskSuccess(success=float(np.mean(outcomes)), episodes=len(outcomes),
-                                     ci95=wilson_interval(sum(outcomes), len(outcomes)))
+                                     ci95=wilson_interval(sum(outcomes), len(outcomes)),
+                                     layer_frequency=layer_frequency_over_calls(
+                                         [r for r in results if r.task == task], name))
     outcomes = [s for v in table.values() for s in v]
     lo, hi = wilson_interval(sum(outcomes), len(outcomes))
     per_call = np.asarray(calls_of(results, name), dtype=float) / policy.num_layers

@@ -124,14 +124,14 @@ def test_pinned_layers_must_leave_the_router_a_choice():
 
 
 def test_an_option_added_at_its_neutral_default_leaves_earlier_runs_current():
-    # router.topk_phase, router.start and router.pinned came after runs were made: at their defaults they change nothing, so
-    # --resume/--reuse digests stay; set, they change what distill trains.
+    # router.topk_phase, router.start and router.pinned came after runs were made: at their defaults they change
+    # nothing, so --resume/--reuse digests stay; set, they change what distill trains.
     base = load_config(SMOKE, ["router.select=topk"])
     assert load_config(SMOKE, ["router.select=topk", "router.topk_phase=0", "router.start=open"]
                        ).digest() == base.digest()
     assert load_config(SMOKE, ["router.select=topk", "router.pinned=null"]).digest() == base.digest()
     router = base.model_dump(mode="json")["router"]
-    del router["topk_phase"], router["start"], router["pinned"]    # the router section as the code before the options dumped it
+    del router["topk_phase"], router["start"], router["pinned"]   # the section as the code before the options dumped it
     assert base.digest(("router",)) == hashlib.sha256(json.dumps({"router": router}, sort_keys=True).encode()
                                                       ).hexdigest()[:12]
     for option in ("router.topk_phase=0.3", "router.start=static", "router.pinned=[3]"):

@@ -160,9 +160,9 @@ def test_a_pinned_layer_runs_for_every_input_in_training_and_deployment_and_the_
         deployed = student.eval()(images, instructions, proprio, mode="hard")
     assert deployed.executed[:, 3].tolist() == [1.0] * 8 and set(deployed.executed.sum(1).tolist()) == {2.0}
     # Saved and loaded, the student still pins the layer (a served student deploys what was trained).
-    digest_dir = str(tmp_path / "student")
-    save_policy(student, digest_dir, PolicyCard(normalizer=NORMALIZER))
-    loaded, _ = load_policy(digest_dir)
+    uri = str(tmp_path / "student")
+    save_policy(student, uri, PolicyCard(normalizer=NORMALIZER))
+    loaded, _ = load_policy(uri)
     with torch.no_grad():
         again = loaded.eval()(images, instructions, proprio, mode="hard")
     assert loaded.cfg.router_pinned == (3,) and torch.equal(again.executed, deployed.executed)

@@ -22,6 +22,7 @@ from pipeline.models.checkpoint import PolicyCard, save_policy
 from pipeline.models.vla import VLA, teacher_config
 from pipeline.ray_runtime import start_ray
 from pipeline.tracking.metrics import MetricSender, TrackingOutage
+from pipeline.train.driver import worker_causes
 
 pytestmark = pytest.mark.slow
 
@@ -211,3 +212,18 @@ def test_promote_registers_through_an_outage_once_with_every_tag(tmp_path, mlflo
     with pytest.raises(RuntimeError, match=rf"could not register outage-model at the MLflow tracking server "
                                            rf"{mlflow_server.url} .*outage_limit_s=3.*nothing was half registered"):
         find_or_register("outage-model", candidate, evidence, limit_s=3, retry_s=1)
+
+
+def test_a_worker_errors_cause_reaches_the_user_whole_though_ray_truncates_its_traceback():
+    # Ray keeps the first and last 500 characters of each worker's traceback in WorkerGroupError's message; a long
+    # last error cut the tracking server's URI out of the middle of TrackingOutage's message on a loaded machine.
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    outage = TrackingOutage("the MLflow tracking server http://127.0.0.1:5000 has taken no metrics for 10 s "
+                            "(tracking.outage_limit_s=10): " + "x" * 900)
+    truncated = "[Rank 0 Error Snippet]:\nTraceback ...\n... (Output truncated) ...\n" + str(outage)[-500:]
+    error = WorkerGroupError(truncated, {1: outage, 0: outage})
+    assert "http://127.0.0.1:5000" not in str(error)
+    causes = worker_causes(error)
+    assert causes == f"rank 0, 1: TrackingOutage: {outage}"     # one line per distinct error, every rank named
+    assert worker_causes(RuntimeError("not a worker group's")) == ""

@@ -148,28 +148,42 @@ def fit(train_fn: Callable[[dict[str, Any]], None], job: Any, datasets: dict[str
     except ray.train.TrainingFailedError as exc:   # Ray 2.60 raises where older releases returned it
         error = exc
     _remove_unregistered_checkpoints(run)
-    if error is not None and _out_of_space(error):
+    causes = worker_causes(error) if error is not None else ""
+    if error is not None and _out_of_space(error, causes):
         step = registered_step(run)
         kept = f"its last registered checkpoint (step {step}) is intact" if step else "no checkpoint was registered"
         raise RuntimeError(f"training run {run.name} failed: its run folder {run.storage_path} is out of space "
                            f"(No space left on device) while writing a checkpoint; {kept}. Free space there, then "
                            f"continue it with --resume {run.name}\n{error}") from error
-    if error is not None and "AWS Error" in str(error):
+    if error is not None and "AWS Error" in f"{error}{causes}":
         raise RuntimeError(f"training run {run.name} failed reading S3 after every retry (pyarrow: "
                            f"{storage.S3_OPTIONS.max_attempts} attempts per request; Ray Data: up to 10 per file "
                            f"operation, backing off to 32 s); the error below names the bucket and key. Once the "
                            f"endpoint answers, continue it with --resume {run.name}\n{error}") from error
     if error is not None:
-        raise RuntimeError(f"training run {run.name} failed: {error}\nafter fixing the cause, continue it "
+        named = f"the workers raised:\n{causes}\n" if causes else ""
+        raise RuntimeError(f"training run {run.name} failed: {named}{error}\nafter fixing the cause, continue it "
                            f"with --resume {run.name}") from error
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run.name} reported no checkpoint; see the worker logs above")
     return dict(result.metrics or {}), result.checkpoint
 
 
-def _out_of_space(error: BaseException) -> bool:
+def worker_causes(error: BaseException) -> str:
+    """Each failed worker's exception in full, one line per distinct one ("" for an error that is not a worker
+    group's). Ray's WorkerGroupError message keeps only the first and last 500 characters of a worker's traceback,
+    which can cut the middle out of a message that names its cause (the tracking server's URI, the S3 key)."""
+    failures = getattr(error, "worker_failures", None) or {}
+    lines: dict[str, list[int]] = {}
+    for rank, exc in sorted(failures.items()):
+        lines.setdefault(f"{type(exc).__name__}: {exc}", []).append(rank)
+    return "\n".join(f"rank {', '.join(map(str, ranks))}: {line}" for line, ranks in lines.items())
+
+
+def _out_of_space(error: BaseException, causes: str = "") -> bool:
     # A worker's error reaches the driver as text (Ray's WorkerGroupError), so look for ENOSPC's message.
-    return "No space left on device" in str(error) or "[Errno 28]" in str(error)
+    text = f"{error}{causes}"
+    return "No space left on device" in text or "[Errno 28]" in text
 
 
 def registered_step(run: TrainRun) -> int:

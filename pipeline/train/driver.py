@@ -148,22 +148,23 @@ def fit(train_fn: Callable[[dict[str, Any]], None], job: Any, datasets: dict[str
     except ray.train.TrainingFailedError as exc:   # Ray 2.60 raises where older releases returned it
         error = exc
     _remove_unregistered_checkpoints(run)
-    causes = worker_causes(error) if error is not None else ""
-    if error is not None and _out_of_space(error, causes):
-        step = registered_step(run)
-        kept = f"its last registered checkpoint (step {step}) is intact" if step else "no checkpoint was registered"
-        raise RuntimeError(f"training run {run.name} failed: its run folder {run.storage_path} is out of space "
-                           f"(No space left on device) while writing a checkpoint; {kept}. Free space there, then "
-                           f"continue it with --resume {run.name}\n{error}") from error
-    if error is not None and "AWS Error" in f"{error}{causes}":
-        raise RuntimeError(f"training run {run.name} failed reading S3 after every retry (pyarrow: "
-                           f"{storage.S3_OPTIONS.max_attempts} attempts per request; Ray Data: up to 10 per file "
-                           f"operation, backing off to 32 s); the error below names the bucket and key. Once the "
-                           f"endpoint answers, continue it with --resume {run.name}\n{error}") from error
     if error is not None:
-        named = f"the workers raised:\n{causes}\n" if causes else ""
-        raise RuntimeError(f"training run {run.name} failed: {named}{error}\nafter fixing the cause, continue it "
-                           f"with --resume {run.name}") from error
+        # Each worker's exception in full, then Ray's message with its (truncated) tracebacks.
+        causes = worker_causes(error)
+        detail = f"the workers raised:\n{causes}\n{error}" if causes else str(error)
+        if _out_of_space(detail):
+            step = registered_step(run)
+            kept = f"its last registered checkpoint (step {step}) is intact" if step else "no checkpoint was registered"
+            raise RuntimeError(f"training run {run.name} failed: its run folder {run.storage_path} is out of space "
+                               f"(No space left on device) while writing a checkpoint; {kept}. Free space there, "
+                               f"then continue it with --resume {run.name}\n{detail}") from error
+        if "AWS Error" in detail:
+            raise RuntimeError(f"training run {run.name} failed reading S3 after every retry (pyarrow: "
+                               f"{storage.S3_OPTIONS.max_attempts} attempts per request; Ray Data: up to 10 per "
+                               f"file operation, backing off to 32 s); the error below names the bucket and key. "
+                               f"Once the endpoint answers, continue it with --resume {run.name}\n{detail}") from error
+        raise RuntimeError(f"training run {run.name} failed: {detail}\nafter fixing the cause, continue it with "
+                           f"--resume {run.name}") from error
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run.name} reported no checkpoint; see the worker logs above")
     return dict(result.metrics or {}), result.checkpoint
@@ -180,9 +181,8 @@ def worker_causes(error: BaseException) -> str:
     return "\n".join(f"rank {', '.join(map(str, ranks))}: {line}" for line, ranks in lines.items())
 
 
-def _out_of_space(error: BaseException, causes: str = "") -> bool:
+def _out_of_space(text: str) -> bool:
     # A worker's error reaches the driver as text (Ray's WorkerGroupError), so look for ENOSPC's message.
-    text = f"{error}{causes}"
     return "No space left on device" in text or "[Errno 28]" in text
 
 

@@ -358,6 +358,11 @@ class PipelineConfig(_Section):
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _distinct_layers(layers: list[int], num_layers: int) -> bool:
+    """A non-empty list of distinct layer indices in [0, num_layers)."""
+    return bool(layers) and len(set(layers)) == len(layers) and all(0 <= i < num_layers for i in layers)
+
+
 def _cross_checks(cfg: PipelineConfig) -> list[str]:
     """Constraints spanning several keys, reported alongside pydantic's."""
     m, problems = cfg.model, []
@@ -386,16 +391,14 @@ def _cross_checks(cfg: PipelineConfig) -> list[str]:
             problems.append(f"evaluate.extra.{name}: the names teacher and student are taken by the run's own "
                             f"policies; choose another name")
     static = cfg.router.static_layers
-    if static is not None and (not static or len(set(static)) != len(static)
-                               or not all(0 <= i < m.num_layers for i in static)):
+    if static is not None and not _distinct_layers(static, m.num_layers):
         problems.append(f"router.static_layers={static}: needs distinct layer indices in [0, {m.num_layers - 1}] "
                         f"(model.num_layers={m.num_layers}), e.g. [1, 3, 5, 7]; or null for a learned router")
     if static is not None and cfg.distill.family == "routed":
         problems.append(f"router.static_layers={static}: a fixed set of layers is a static or shallow student; set "
                         f"distill.family=static (or shallow), or static_layers=null for a learned router")
     pinned = cfg.router.pinned
-    if pinned is not None and (not pinned or len(set(pinned)) != len(pinned)
-                               or not all(0 <= i < m.num_layers for i in pinned)):
+    if pinned is not None and not _distinct_layers(pinned, m.num_layers):
         problems.append(f"router.pinned={pinned}: needs distinct layer indices in [0, {m.num_layers - 1}] "
                         f"(model.num_layers={m.num_layers}), e.g. [{m.num_layers - 1}]; or null to route every layer")
     elif pinned is not None and cfg.distill.family != "routed":

@@ -164,8 +164,7 @@ def _student_objective(job: StudentJob, device: torch.device) -> tuple[StudentOb
     online = job.distill.teacher_mode == "online"
     with building(job.distill.train, device, teacher_cfg.hidden_size):
         keep = router_keep(job.router, job.distill, teacher_cfg.num_layers)
-        pinned = tuple(job.router.pinned) if job.router.pinned and static is None else None
-        module = DistillModule(VLA(student_config(teacher_cfg, job.router.hidden, static, keep, pinned)),
+        module = DistillModule(VLA(student_config(teacher_cfg, job.router.hidden, static, keep, job.router.pinned)),
                                ProbeSet(**dims))
         frozen = (VLA(teacher_cfg), ProbeSet(**dims)) if online else (None, None)
         objective = StudentObjective(module, job.router, job.distill, *frozen)

@@ -10,7 +10,7 @@ from pipeline.models.vla import VLA, VLAConfig, VLAOutput
 
 
 def student_config(teacher: VLAConfig, router_hidden: int, static_layers: tuple[int, ...] | None = None,
-                   keep: int | None = None, pinned: tuple[int, ...] | None = None) -> VLAConfig:
+                   keep: int | None = None, pinned: list[int] | tuple[int, ...] | None = None) -> VLAConfig:
     """The teacher's architecture with a router of width `router_hidden` (keep given: at inference it runs its
     `keep` largest gates on every call; pinned given: those layers on every call), or, static_layers given, a fixed
     subset."""

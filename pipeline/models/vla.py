@@ -323,7 +323,7 @@ class VLA(nn.Module):
         batch, layers = images.shape[0], self.cfg.num_layers
         gates = self.router(vision, text, text_mask, temperature) if (self.router is not None and mode != "off") else None
         pinned = self.cfg.router_pinned or ()
-        if gates is not None and pinned:
+        if gates is not None:
             gates = pin_gates(gates, pinned)
         state = self.gate_state   # this thread's; reset when the call ends, so nothing outlives it
         try:

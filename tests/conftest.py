@@ -35,3 +35,16 @@ def s3_server():
     yield "s3://actdistill"
     mp.undo()
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Four scripted-expert episodes as shards (tests/fault_support.py); Ray, if a test started it, is shut down
+    after the module."""
+    import ray
+    from fault_support import write_expert_shards
+
+    folder = tmp_path_factory.mktemp("shards")
+    yield write_expert_shards(str(folder))
+    if ray.is_initialized():
+        ray.shutdown()

@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
-from fault_support import SMOKE, TINY, in_thread, teacher_and_probes, write_expert_shards
+from fault_support import SMOKE, TINY, in_thread, teacher_and_probes
 
 from jobs import distill as distill_job
 from pipeline.cli import run_cli
@@ -34,14 +33,6 @@ def small_disk(tmp_path):
                     f"right to mount (root with CAP_SYS_ADMIN)")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("shards")
-    yield write_expert_shards(str(folder))
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 def _committed_step(run_dir):

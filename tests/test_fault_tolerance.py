@@ -13,7 +13,7 @@ import pytest
 import ray
 import torch
 import yaml
-from fault_support import SMOKE, TINY, in_thread, teacher_and_probes, write_expert_shards
+from fault_support import SMOKE, TINY, in_thread, teacher_and_probes
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 from safetensors.torch import load_file
@@ -29,17 +29,8 @@ from pipeline.train.driver import train_run
 pytestmark = pytest.mark.slow
 
 
-
 def _train(section, stage_args):
     return [f"{section}.{k}={v}" for k, v in stage_args.items()]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("shards")
-    yield write_expert_shards(str(folder))
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 def _config_file(tmp_path, run_dir, shards, extra):

@@ -10,9 +10,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-import ray
 import torch
-from fault_support import NORMALIZER, SMOKE, TINY, in_thread, teacher_and_probes, write_expert_shards
+from fault_support import NORMALIZER, SMOKE, TINY, in_thread, teacher_and_probes
 from mlflow.tracking import MlflowClient
 
 from jobs import distill as distill_job
@@ -25,7 +24,6 @@ from pipeline.tracking.metrics import MetricSender, TrackingOutage
 from pipeline.train.driver import worker_causes
 
 pytestmark = pytest.mark.slow
-
 
 
 class Server:
@@ -83,14 +81,6 @@ def test_metrics_wait_out_an_outage_and_a_longer_one_is_named(mlflow_server):
     message = str(err.value)
     assert mlflow_server.url in message and "tracking.outage_limit_s=2" in message and "--resume" in message
     assert "s3cr3t" not in message
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("shards")
-    yield write_expert_shards(str(folder))
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 def _distill_config(tmp_path, shards, server, steps, extra=()):

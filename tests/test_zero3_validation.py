@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 import torch.distributed as dist
-from test_fault_tolerance import TINY, _config_file, shards  # noqa: F401 - fixture
+from test_fault_tolerance import TINY, _config_file
 
 from jobs import distill as distill_job
 from pipeline.config import load_config

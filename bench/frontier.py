@@ -97,9 +97,11 @@ def students(cfg: PipelineConfig, budgets: tuple[float, ...], seeds: dict[str, i
             for budget in budgets for family in FAMILIES for i in range(seeds[family])}
 
 
-def evaluated(cfg: PipelineConfig, stages: Stages, name: str, uri: str) -> PolicyReport:
+def evaluated(cfg: PipelineConfig, stages: Stages, name: str, uri: str, needs: tuple[str, ...] = MADE
+              ) -> PolicyReport:
     """One policy's closed-loop, offline and compute figures on the config's evaluation seeds, kept in the run
-    folder (frontier/evals/NAME.json) so a later sitting reads them instead of rolling out again."""
+    folder (frontier/evals/NAME.json) so a later sitting reads them instead of rolling out again; rolled out
+    again when a stage it `needs` (the teacher's, or the student's own distill) ran in this sitting."""
     path = RunPaths.of(cfg).root / "frontier" / "evals" / f"{name}.json"
 
     def run() -> None:
@@ -107,7 +109,7 @@ def evaluated(cfg: PipelineConfig, stages: Stages, name: str, uri: str) -> Polic
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(block.model_dump_json(indent=2))
 
-    stages.run(f"evaluate {name}", path, run, f"{inputs_digest(cfg, 'evaluate')}:{uri}")
+    stages.run(f"evaluate {name}", path, run, f"{inputs_digest(cfg, 'evaluate')}:{uri}", needs)
     return PolicyReport.model_validate_json(path.read_text())
 
 
@@ -210,12 +212,14 @@ def run(cfg: PipelineConfig, reuse: bool, budgets: tuple[float, ...], seeds: dic
     made = students(cfg, budgets, seeds)
     uris = {"teacher": str(paths.teacher)}
     # The baselines first: they do not depend on the router's recipe, which a later sitting may still change.
+    # Students are independent of one another: one distilled in this sitting leaves the others' records valid.
     for name, overrides in sorted(made.items(), key=lambda item: item[1]["distill.family"] == "routed"):
         variant, uri = with_overrides(cfg, overrides), paths.root / "frontier" / name
         stages.run(f"distill {name}", uri / "model.safetensors",
                    lambda v=variant, u=uri, n=name: distill.main(v, student_uri=str(u), run_name=f"frontier {n}"),
-                   inputs_digest(variant, "distill"))
-        blocks[name], uris[name] = evaluated(variant, stages, name, str(uri)), str(uri)
+                   inputs_digest(variant, "distill"), MADE)
+        blocks[name] = evaluated(variant, stages, name, str(uri), (f"distill {name}", *MADE))
+        uris[name] = str(uri)
     started = time.perf_counter()
     lat = latencies(cfg, uris)
     stages.seconds["latency"] = time.perf_counter() - started

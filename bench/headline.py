@@ -75,8 +75,8 @@ MADE = ("collect", "train-teacher", "probe-teacher", "distill")
 
 class Stages:
     """Runs stages in order, timing each; with reuse, a stage whose output exists and whose config inputs
-    are those it ran with is skipped and its earlier time (from the run folder) is reported instead, until
-    one stage runs: every later stage then runs too (its inputs changed)."""
+    are those it ran with is skipped and its earlier time (from the run folder) is reported instead, unless a
+    stage it needs ran in this process (its inputs changed). By default a stage needs every stage before it."""
 
     def __init__(self, cfg: PipelineConfig, reuse: bool, state: str = STATE) -> None:
         self.reuse = reuse
@@ -85,22 +85,27 @@ class Stages:
         self.seconds: dict[str, float] = self.state.setdefault("seconds", {})
         self.digests: dict[str, str] = self.state.setdefault("digests", {})
         self.reused: list[str] = []
+        self.ran: list[str] = []
 
-    def run(self, name: str, output: str | Path | None, fn: Callable[[], Any], digest: str | None = None) -> Any:
+    def run(self, name: str, output: str | Path | None, fn: Callable[[], Any], digest: str | None = None,
+            needs: tuple[str, ...] | None = None) -> Any:
         """output None: always run (evaluate: the table must come from one measurement). digest: of the
-        config the output depends on; a different (or unrecorded) one means the output is stale."""
-        if self.reuse and output is not None and Path(output).exists() and name in self.seconds:
+        config the output depends on; a different (or unrecorded) one means the output is stale. needs: the
+        stages whose output this one reads (None: all before it), e.g. one student's evaluation needs its
+        distill but not another student's."""
+        upstream = self.ran if needs is None else [n for n in self.ran if n in needs]
+        if self.reuse and not upstream and output is not None and Path(output).exists() and name in self.seconds:
             if digest is None or self.digests.get(name) == digest:
                 print(f"=== {name}: reusing {output} ({self.seconds[name]:.0f} s when it ran)")
                 self.reused.append(name)
                 return None
-            print(f"=== {name}: {output} was made under another config ({STATE} digest "
+            print(f"=== {name}: {output} was made under another config ({self.path.name} digest "
                   f"{self.digests.get(name)}, now {digest}); running it again")
-        print(f"=== {name}")
-        self.reuse = False
+        print(f"=== {name}" + (f" (after {upstream[-1]}, which ran again)" if self.reuse and upstream else ""))
         started = time.perf_counter()
         result = fn()
         self.seconds[name] = time.perf_counter() - started
+        self.ran.append(name)
         if digest is not None:
             self.digests[name] = digest
         self.save()

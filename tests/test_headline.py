@@ -88,3 +88,37 @@ def test_reuse_keeps_a_stage_only_if_its_config_inputs_are_unchanged(tmp_path):
     bench(changed, "new router")
     assert ran[2:] == ["distill (new router)", "replicate seed 1 (new router)"]
     assert (tmp_path / "distill" / "model.safetensors").read_text() == "new router"
+
+
+def test_reuse_reruns_only_the_stages_that_need_one_that_ran(tmp_path):
+    """The frontier's students are independent: distilling a new one must not roll out the recorded ones again,
+    but its own evaluation (which needs it) runs, and a new teacher makes every student stale."""
+    from bench.headline import Stages
+    from pipeline.config import PipelineConfig, with_overrides
+
+    cfg = with_overrides(PipelineConfig(), {"run.run_dir": str(tmp_path)})
+    ran: list[str] = []
+
+    def sitting(plan, fresh=()):
+        stages = Stages(cfg, reuse=True)
+        for name, needs in plan:
+            output = tmp_path / name
+            if name in fresh:
+                output.unlink(missing_ok=True)
+            stages.run(name, output, lambda o=output, n=name: (o.write_text(n), ran.append(n)), "d", needs)
+        return stages
+
+    teacher = ("teacher", None)
+    plan = [teacher, ("distill a", ("teacher",)), ("evaluate a", ("distill a", "teacher")),
+            ("distill b", ("teacher",)), ("evaluate b", ("distill b", "teacher"))]
+    sitting(plan)
+    assert ran == [name for name, _ in plan]
+    ran.clear()
+    stages = sitting(plan, fresh={"distill a"})   # a's weights deleted: a again; b and the teacher reused
+    assert ran == ["distill a", "evaluate a"]
+    assert stages.reused == ["teacher", "distill b", "evaluate b"]
+    ran.clear()
+    sitting(plan)
+    assert ran == []
+    sitting(plan, fresh={"teacher"})                # a new teacher: every student after it runs again
+    assert ran == [name for name, _ in plan]

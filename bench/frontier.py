@@ -3,6 +3,7 @@
     MUJOCO_GL=egl .venv/bin/python bench/frontier.py                # jobs/configs/frontier.yaml: hours on 2 cores
     MUJOCO_GL=egl .venv/bin/python bench/frontier.py --reuse        # continue from the stages already done
     MUJOCO_GL=egl .venv/bin/python bench/frontier.py --smoke        # every step at smoke size (~15 min)
+    MUJOCO_GL=egl .venv/bin/python bench/frontier.py --so-far       # the table of what is recorded; runs nothing
 
 Runs collect -> train-teacher -> probe-teacher (the pipeline's own stages), then, per budget, the three student
 families (distill.family) with several distillation seeds: routed (3 seeds; router.select=topk runs exactly
@@ -183,6 +184,8 @@ def verdict(rows: list[dict[str, Any]], teacher: PolicyReport) -> dict[str, dict
 def table(rows: list[dict[str, Any]], teacher: PolicyReport, lat: dict[str, dict[int, dict[str, float]]]) -> str:
     """Families by budget against the teacher; latency speed-ups are the mean over a family's seeds."""
     def speedup(names: list[str], batch: int) -> str:
+        if not all(n in lat for n in ["teacher", *names]):   # --so-far: no latency pass
+            return "-"
         base = lat["teacher"][batch]["latency_ms_median"]
         return f"x{sum(base / lat[n][batch]['latency_ms_median'] for n in names) / len(names):.2f}"
 
@@ -227,12 +230,47 @@ def run(cfg: PipelineConfig, reuse: bool, budgets: tuple[float, ...], seeds: dic
     return {"blocks": blocks, "made": made, "latency": lat, "seconds": stages.seconds, "reused": stages.reused}
 
 
+def recorded(cfg: PipelineConfig, budgets: tuple[float, ...], seeds: dict[str, int]) -> dict[str, Any]:
+    """--so-far: the teacher's and the students' evaluations recorded in the run folder under the current config
+    (the digests --reuse checks), for a table of the study while it is still under way; runs nothing."""
+    stages, paths = Stages(cfg, True, STATE), RunPaths.of(cfg)
+
+    def valid(variant: PipelineConfig, name: str, uri: Path) -> PolicyReport | None:
+        path = paths.root / "frontier" / "evals" / f"{name}.json"
+        key, digest = f"evaluate {name}", f"{inputs_digest(variant, 'evaluate')}:{uri}"
+        if not path.exists() or stages.digests.get(key) != digest:
+            return None
+        if name != "teacher" and stages.digests.get(f"distill {name}") != inputs_digest(variant, "distill"):
+            return None
+        return PolicyReport.model_validate_json(path.read_text())
+
+    for step in MADE:
+        if stages.digests.get(step) != inputs_digest(cfg, step):
+            raise SystemExit(f"--so-far: {stages.path} has no {step} made under this config; nothing to tabulate "
+                             f"yet (run the study first: bench/frontier.py --reuse)")
+    teacher = valid(cfg, "teacher", paths.teacher)
+    if teacher is None:
+        raise SystemExit(f"--so-far: the teacher's evaluation is not recorded in {stages.path} yet")
+    made, blocks = {}, {"teacher": teacher}
+    for name, overrides in students(cfg, budgets, seeds).items():
+        variant = with_overrides(cfg, overrides)
+        block = valid(variant, name, paths.root / "frontier" / name)
+        if block is not None:
+            made[name], blocks[name] = overrides, block
+    missing = sorted(set(students(cfg, budgets, seeds)) - set(made))
+    seconds = {k: v for k, v in stages.seconds.items() if k != "latency"}
+    return {"blocks": blocks, "made": made, "latency": {}, "seconds": seconds, "reused": list(seconds),
+            "missing": missing}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="default: jobs/configs/frontier.yaml (smoke.yaml with --smoke)")
     parser.add_argument("--reuse", action="store_true",
                         help="continue: skip stages whose output exists in the run folder, made under the same config")
     parser.add_argument("--smoke", action="store_true", help="every step at smoke size, one seed per family")
+    parser.add_argument("--so-far", action="store_true",
+                        help="run nothing: tabulate the evaluations recorded so far (no latency) into OUT-so-far")
     parser.add_argument("--out", default=None, help="default: bench/results/frontier (frontier-smoke with --smoke)")
     parser.add_argument("--budgets", default=None, help="comma-separated, e.g. 0.25 (default: 0.25,0.375)")
     parser.add_argument("--seeds", default=None,
@@ -244,7 +282,9 @@ def main() -> int:
     budgets, seeds = (SMOKE_BUDGETS, SMOKE_SEEDS) if args.smoke else (BUDGETS, SEEDS)
     budgets, seeds = parse_budgets(args.budgets, budgets), parse_seeds(args.seeds, seeds)
     out_base = Path(args.out or RESULTS / ("frontier-smoke" if args.smoke else "frontier"))
-    out = run(cfg, args.reuse, budgets, seeds)
+    if args.so_far:
+        out_base = out_base.with_name(out_base.name + "-so-far")
+    out = recorded(cfg, budgets, seeds) if args.so_far else run(cfg, args.reuse, budgets, seeds)
     blocks, made, lat = out["blocks"], out["made"], out["latency"]
     teacher = blocks["teacher"]
     rows = family_rows(made, blocks, teacher)
@@ -262,8 +302,11 @@ def main() -> int:
              table(rows, teacher, lat), "",
              "| target | value | met |", "|---|---|---|",
              *[f"| {k} | {v['value']:.3f} | {'yes' if v['ok'] else 'NO'} |" for k, v in checks.items()], "",
-             f"Tasks: {', '.join(cfg.collect.tasks)}. Latency: median of {cfg.evaluate.latency_calls} calls per "
-             f"policy and batch, interleaved, {cfg.evaluate.latency_threads} thread(s).", "",
+             f"Tasks: {', '.join(cfg.collect.tasks)}. " + (
+                 "Latency: not measured (--so-far: the recorded evaluations only). Not yet run: "
+                 + (", ".join(out["missing"]) or "none") + "." if args.so_far else
+                 f"Latency: median of {cfg.evaluate.latency_calls} calls per policy and batch, interleaved, "
+                 f"{cfg.evaluate.latency_threads} thread(s)."), "",
              "Wall seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
              + f"; {sum(seconds.values()) / 60:.1f} min in all"
              + (f" (reused from earlier sittings: {len(out['reused'])} stages)" if out["reused"] else ""), "",
@@ -276,7 +319,7 @@ def main() -> int:
          "students": made, "seconds": seconds, "machine": machine(),
          "policies": {n: b.model_dump(mode="json") for n, b in blocks.items()}}, indent=2, default=str))
     print(f"wrote {out_base}.md, .json and .png")
-    return 0 if all(v["ok"] for v in checks.values()) else 1
+    return 0 if args.so_far or all(v["ok"] for v in checks.values()) else 1
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.frontier import BUDGETS, SEEDS, family_rows, parse_budgets, parse_seeds, students, verdict  # noqa: E402
+from bench.frontier import (BUDGETS, MADE, SEEDS, STATE, family_rows, parse_budgets, parse_seeds, recorded,  # noqa: E402
+                            students, verdict)
 from pipeline.config import load_config  # noqa: E402
 from pipeline.evaluate.metrics import wilson_interval  # noqa: E402
 from pipeline.evaluate.report import PolicyReport  # noqa: E402
@@ -73,3 +74,39 @@ def test_a_smaller_check_names_its_budgets_and_seeds_and_bad_ones_are_refused():
     for bad, why in (("routed=x", "FAMILY=COUNT"), ("dense=1", "FAMILY=COUNT"), ("static=2", "routed=1 or more")):
         with pytest.raises(SystemExit, match=why):
             parse_seeds(bad, SEEDS)
+
+
+def test_so_far_tabulates_only_the_evaluations_recorded_under_the_current_config(tmp_path):
+    """--so-far reads the run folder: a student counts once its distill and evaluation were recorded under the
+    config the study has now; one made under another config (a changed recipe) is listed as not yet run."""
+    import json
+
+    from bench.headline import Stages
+    from pipeline.config import with_overrides
+    from pipeline.stages import RunPaths, inputs_digest
+
+    cfg = load_config(REPO / "jobs/configs/frontier.yaml", [f"run.run_dir={tmp_path}"])
+    budgets, seeds = (0.25,), {"routed": 1, "static": 1, "shallow": 0}
+    with pytest.raises(SystemExit, match="no collect made under this config"):
+        recorded(cfg, budgets, seeds)
+    stages, root = Stages(cfg, True, STATE), RunPaths.of(cfg).root
+    evals = root / "frontier" / "evals"
+    evals.mkdir(parents=True)
+
+    def record(name, variant, uri, block):
+        (evals / f"{name}.json").write_text(block.model_dump_json())
+        stages.run(f"evaluate {name}", None, lambda: None, f"{inputs_digest(variant, 'evaluate')}:{uri}")
+
+    for step in MADE:
+        stages.run(step, None, lambda: None, inputs_digest(cfg, step))
+    record("teacher", cfg, RunPaths.of(cfg).teacher, _block(0.9, 1.0))
+    made = students(cfg, budgets, seeds)
+    for name, success, digest_of in (("static-0.25-s0", 0.8, None), ("routed-0.25-s0", 0.5, {"router.budget": 0.3})):
+        variant = with_overrides(cfg, made[name])
+        stages.run(f"distill {name}", None, lambda: None,
+                   inputs_digest(with_overrides(variant, digest_of or {}), "distill"))
+        record(name, variant, root / "frontier" / name, _block(success, 0.25))
+    out = recorded(cfg, budgets, seeds)
+    assert sorted(out["made"]) == ["static-0.25-s0"] and out["missing"] == ["routed-0.25-s0"]
+    assert out["blocks"]["teacher"].success == 0.9 and out["blocks"]["static-0.25-s0"].success == 0.8
+    assert out["latency"] == {} and json.loads((root / STATE).read_text())["digests"]["evaluate teacher"]

@@ -7,8 +7,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.frontier import (BUDGETS, MADE, SEEDS, STATE, family_rows, parse_budgets, parse_seeds, recorded,  # noqa: E402
-                            students, verdict)
+from bench.frontier import (  # noqa: E402
+    BUDGETS, MADE, SEEDS, STATE, family_rows, parse_budgets, parse_seeds, recorded, students, verdict)
 from pipeline.config import load_config  # noqa: E402
 from pipeline.evaluate.metrics import wilson_interval  # noqa: E402
 from pipeline.evaluate.report import PolicyReport  # noqa: E402

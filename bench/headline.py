@@ -101,7 +101,8 @@ class Stages:
                 return None
             print(f"=== {name}: {output} was made under another config ({self.path.name} digest "
                   f"{self.digests.get(name)}, now {digest}); running it again")
-        print(f"=== {name}" + (f" (after {upstream[-1]}, which ran in this sitting)" if self.reuse and upstream else ""))
+        after = f" (after {upstream[-1]}, which ran in this sitting)" if self.reuse and upstream else ""
+        print(f"=== {name}{after}")
         started = time.perf_counter()
         result = fn()
         self.seconds[name] = time.perf_counter() - started

@@ -103,15 +103,25 @@ def evaluated(cfg: PipelineConfig, stages: Stages, name: str, uri: str, needs: t
     """One policy's closed-loop, offline and compute figures on the config's evaluation seeds, kept in the run
     folder (frontier/evals/NAME.json) so a later sitting reads them instead of rolling out again; rolled out
     again when a stage it `needs` (the teacher's, or the student's own distill) ran in this sitting."""
-    path = RunPaths.of(cfg).root / "frontier" / "evals" / f"{name}.json"
+    path = eval_record(cfg, name)
 
     def run() -> None:
         block = evaluate_policies(cfg, {name: uri}, cfg.evaluate.episodes_per_task).policies[name]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(block.model_dump_json(indent=2))
 
-    stages.run(f"evaluate {name}", path, run, f"{inputs_digest(cfg, 'evaluate')}:{uri}", needs)
+    stages.run(f"evaluate {name}", path, run, eval_digest(cfg, uri), needs)
     return PolicyReport.model_validate_json(path.read_text())
+
+
+def eval_record(cfg: PipelineConfig, name: str) -> Path:
+    """Where a policy's evaluation is kept in the run folder."""
+    return RunPaths.of(cfg).root / "frontier" / "evals" / f"{name}.json"
+
+
+def eval_digest(cfg: PipelineConfig, uri: str | Path) -> str:
+    """What an evaluation depends on: the evaluation settings and the policy it rolled out."""
+    return f"{inputs_digest(cfg, 'evaluate')}:{uri}"
 
 
 def latencies(cfg: PipelineConfig, uris: dict[str, str]) -> dict[str, dict[int, dict[str, float]]]:
@@ -236,9 +246,8 @@ def recorded(cfg: PipelineConfig, budgets: tuple[float, ...], seeds: dict[str, i
     stages, paths = Stages(cfg, True, STATE), RunPaths.of(cfg)
 
     def valid(variant: PipelineConfig, name: str, uri: Path) -> PolicyReport | None:
-        path = paths.root / "frontier" / "evals" / f"{name}.json"
-        key, digest = f"evaluate {name}", f"{inputs_digest(variant, 'evaluate')}:{uri}"
-        if not path.exists() or stages.digests.get(key) != digest:
+        path = eval_record(variant, name)
+        if not path.exists() or stages.digests.get(f"evaluate {name}") != eval_digest(variant, uri):
             return None
         if name != "teacher" and stages.digests.get(f"distill {name}") != inputs_digest(variant, "distill"):
             return None
@@ -251,13 +260,13 @@ def recorded(cfg: PipelineConfig, budgets: tuple[float, ...], seeds: dict[str, i
     teacher = valid(cfg, "teacher", paths.teacher)
     if teacher is None:
         raise SystemExit(f"--so-far: the teacher's evaluation is not recorded in {stages.path} yet")
-    made, blocks = {}, {"teacher": teacher}
-    for name, overrides in students(cfg, budgets, seeds).items():
+    planned, made, blocks = students(cfg, budgets, seeds), {}, {"teacher": teacher}
+    for name, overrides in planned.items():
         variant = with_overrides(cfg, overrides)
         block = valid(variant, name, paths.root / "frontier" / name)
         if block is not None:
             made[name], blocks[name] = overrides, block
-    missing = sorted(set(students(cfg, budgets, seeds)) - set(made))
+    missing = [name for name in planned if name not in made]
     seconds = {k: v for k, v in stages.seconds.items() if k != "latency"}
     return {"blocks": blocks, "made": made, "latency": {}, "seconds": seconds, "reused": list(seconds),
             "missing": missing}

@@ -8,7 +8,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.frontier import (  # noqa: E402
-    BUDGETS, MADE, SEEDS, STATE, family_rows, parse_budgets, parse_seeds, recorded, students, verdict)
+    BUDGETS, MADE, SEEDS, STATE, eval_digest, eval_record, family_rows, parse_budgets, parse_seeds, recorded, students,
+    verdict)
 from pipeline.config import load_config  # noqa: E402
 from pipeline.evaluate.metrics import wilson_interval  # noqa: E402
 from pipeline.evaluate.report import PolicyReport  # noqa: E402
@@ -90,12 +91,11 @@ def test_so_far_tabulates_only_the_evaluations_recorded_under_the_current_config
     with pytest.raises(SystemExit, match="no collect made under this config"):
         recorded(cfg, budgets, seeds)
     stages, root = Stages(cfg, True, STATE), RunPaths.of(cfg).root
-    evals = root / "frontier" / "evals"
-    evals.mkdir(parents=True)
 
     def record(name, variant, uri, block):
-        (evals / f"{name}.json").write_text(block.model_dump_json())
-        stages.run(f"evaluate {name}", None, lambda: None, f"{inputs_digest(variant, 'evaluate')}:{uri}")
+        eval_record(variant, name).parent.mkdir(parents=True, exist_ok=True)
+        eval_record(variant, name).write_text(block.model_dump_json())
+        stages.run(f"evaluate {name}", None, lambda: None, eval_digest(variant, uri))
 
     for step in MADE:
         stages.run(step, None, lambda: None, inputs_digest(cfg, step))

@@ -305,17 +305,19 @@ def main() -> int:
     frontier_plot(trials, pareto(trials), TeacherPoint(success=teacher.success, ci95=teacher.ci95),
                   out_base.with_suffix(".png"))
     seconds = out["seconds"]
+    if args.so_far:
+        latency_note = ("Latency: not measured (--so-far: the recorded evaluations only). Not yet run: "
+                        f"{', '.join(out['missing']) or 'none'}.")
+    else:
+        latency_note = (f"Latency: median of {cfg.evaluate.latency_calls} calls per policy and batch, interleaved, "
+                        f"{cfg.evaluate.latency_threads} thread(s).")
     lines = [f"# The frontier study: `{cfg.run.name}` ({len(cfg.collect.tasks)} tasks x "
              f"{cfg.evaluate.episodes_per_task} episodes per policy, seeds {cfg.evaluate.seed}-"
              f"{cfg.evaluate.seed + cfg.evaluate.episodes_per_task - 1})", "",
              table(rows, teacher, lat), "",
              "| target | value | met |", "|---|---|---|",
              *[f"| {k} | {v['value']:.3f} | {'yes' if v['ok'] else 'NO'} |" for k, v in checks.items()], "",
-             f"Tasks: {', '.join(cfg.collect.tasks)}. " + (
-                 "Latency: not measured (--so-far: the recorded evaluations only). Not yet run: "
-                 + (", ".join(out["missing"]) or "none") + "." if args.so_far else
-                 f"Latency: median of {cfg.evaluate.latency_calls} calls per policy and batch, interleaved, "
-                 f"{cfg.evaluate.latency_threads} thread(s)."), "",
+             f"Tasks: {', '.join(cfg.collect.tasks)}. {latency_note}", "",
              "Wall seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
              + f"; {sum(seconds.values()) / 60:.1f} min in all"
              + (f" (reused from earlier sittings: {len(out['reused'])} stages)" if out["reused"] else ""), "",

@@ -114,6 +114,11 @@ def evaluated(cfg: PipelineConfig, stages: Stages, name: str, uri: str, needs: t
     return PolicyReport.model_validate_json(path.read_text())
 
 
+def student_folder(cfg: PipelineConfig, name: str) -> Path:
+    """Where a student of the study is distilled to in the run folder (its evaluation's digest names it)."""
+    return RunPaths.of(cfg).root / "frontier" / name
+
+
 def eval_record(cfg: PipelineConfig, name: str) -> Path:
     """Where a policy's evaluation is kept in the run folder."""
     return RunPaths.of(cfg).root / "frontier" / "evals" / f"{name}.json"
@@ -227,7 +232,8 @@ def run(cfg: PipelineConfig, reuse: bool, budgets: tuple[float, ...], seeds: dic
     # The baselines first: they do not depend on the router's recipe, which a later sitting may still change.
     # Students are independent of one another: one distilled in this sitting leaves the others' records valid.
     for name, overrides in sorted(made.items(), key=lambda item: item[1]["distill.family"] == "routed"):
-        variant, uri = with_overrides(cfg, overrides), paths.root / "frontier" / name
+        variant = with_overrides(cfg, overrides)
+        uri = student_folder(variant, name)
         stages.run(f"distill {name}", uri / "model.safetensors",
                    lambda v=variant, u=uri, n=name: distill.main(v, student_uri=str(u), run_name=f"frontier {n}"),
                    inputs_digest(variant, "distill"), MADE)
@@ -263,7 +269,7 @@ def recorded(cfg: PipelineConfig, budgets: tuple[float, ...], seeds: dict[str, i
     planned, made, blocks = students(cfg, budgets, seeds), {}, {"teacher": teacher}
     for name, overrides in planned.items():
         variant = with_overrides(cfg, overrides)
-        block = valid(variant, name, paths.root / "frontier" / name)
+        block = valid(variant, name, student_folder(variant, name))
         if block is not None:
             made[name], blocks[name] = overrides, block
     missing = [name for name in planned if name not in made]

@@ -8,8 +8,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.frontier import (  # noqa: E402
-    BUDGETS, MADE, SEEDS, STATE, eval_digest, eval_record, family_rows, parse_budgets, parse_seeds, recorded, students,
-    verdict)
+    BUDGETS, MADE, SEEDS, STATE, eval_digest, eval_record, family_rows, parse_budgets, parse_seeds, recorded, student_folder,
+    students, verdict)
 from pipeline.config import load_config  # noqa: E402
 from pipeline.evaluate.metrics import wilson_interval  # noqa: E402
 from pipeline.evaluate.report import PolicyReport  # noqa: E402
@@ -105,7 +105,7 @@ def test_so_far_tabulates_only_the_evaluations_recorded_under_the_current_config
         variant = with_overrides(cfg, made[name])
         stages.run(f"distill {name}", None, lambda: None,
                    inputs_digest(with_overrides(variant, digest_of or {}), "distill"))
-        record(name, variant, root / "frontier" / name, _block(success, 0.25))
+        record(name, variant, student_folder(variant, name), _block(success, 0.25))
     out = recorded(cfg, budgets, seeds)
     assert sorted(out["made"]) == ["static-0.25-s0"] and out["missing"] == ["routed-0.25-s0"]
     assert out["blocks"]["teacher"].success == 0.9 and out["blocks"]["static-0.25-s0"].success == 0.8
